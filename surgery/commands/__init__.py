@@ -1,0 +1,1 @@
+"""Thin CLI commands; discovered by surgery.cli."""

@@ -1,0 +1,112 @@
+"""Resolve a model or tokenizer given as a shipped asset name, a local folder or a hub id.
+
+The shipped assets (``smollm2-135m``, ``llama3-tokenizer``, ...) are named defaults:
+:func:`surgery.assets.resolve` maps a name to its folder, every other string is
+passed to ``from_pretrained`` unchanged, exactly as transformers would take it.
+``trust_remote_code`` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from surgery.errors import SurgeryError
+
+LOG = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "tokenizer_config.json")
+
+
+def resolve(name_or_path: str | Path) -> str:
+    """Map a shipped asset name to its folder; return anything else unchanged."""
+    from surgery import assets
+
+    return assets.resolve(str(name_or_path))
+
+
+def _looks_local(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or Path(s).exists() or s.count("/") > 1 or "\\" in s
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+    """Load a Hugging Face tokenizer (fast) from an asset name, folder or hub id.
+
+    Raises:
+        SurgeryError: the folder does not exist, holds no tokenizer files, or loading fails.
+    """
+    from transformers import AutoTokenizer
+
+    src = resolve(name_or_path)
+    p = Path(src).expanduser()
+    if p.exists():
+        if p.is_file():
+            raise SurgeryError(f"tokenizer path {src!r} is a file", "pass the folder that holds tokenizer.json")
+        if not any((p / f).exists() for f in TOKENIZER_FILES) and not list(p.glob("*.gguf")):
+            raise SurgeryError(
+                f"folder {src!r} holds no tokenizer files (tokenizer.json, tokenizer.model, vocab.txt)",
+                "pass a Hugging Face tokenizer folder or a hub id",
+            )
+    elif _looks_local(src):
+        raise SurgeryError(f"tokenizer folder {src!r} does not exist", "check the path, or run `surgery assets` for the shipped ones")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else src, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types here
+        raise SurgeryError(
+            f"could not load a tokenizer from {src!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            "pass a Hugging Face tokenizer folder or hub id (offline: a local folder)",
+        ) from e
+    if not getattr(tok, "is_fast", False) and not hasattr(tok, "backend_tokenizer"):
+        raise SurgeryError(f"tokenizer {src!r} has no fast (Rust) backend", "convert it with transformers to a tokenizer.json")
+    return tok
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM from an asset name, a local HF folder (sharded or not) or a hub id.
+
+    Local folders are validated first (config present, weights present, safetensors
+    headers readable) so that a broken folder gives one clear line.
+
+    Returns:
+        The model in eval mode on ``device`` (default CPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from surgery.checkpoint import validate_model_folder
+
+    src = resolve(name_or_path)
+    p = Path(src).expanduser()
+    if p.exists():
+        validate_model_folder(p)
+    elif _looks_local(src):
+        raise SurgeryError(f"model folder {src!r} does not exist", "check the path, or run `surgery assets` for the shipped models")
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p) if p.exists() else src, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except SurgeryError:
+        raise
+    except Exception as e:
+        raise SurgeryError(
+            f"could not load a causal LM from {src!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            "pass a Hugging Face causal-LM folder (config.json + safetensors) or a hub id",
+        ) from e
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def default_device() -> torch.device:
+    """CUDA when there is one, CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
