@@ -139,6 +139,16 @@ def _has_dummy_prefix(j: dict) -> bool:
     return False
 
 
+def _is_start_rule(n) -> bool:
+    """Normalizers that only act at the start of a text: the dummy prefix (``Prepend("▁")``) and the
+    legacy SentencePiece conversion's ``Replace(\\A▁ → ▁▁)``."""
+    if not isinstance(n, dict):
+        return False
+    if n.get("type") == "Prepend":
+        return True
+    return n.get("type") == "Replace" and str(n.get("pattern", {}).get("Regex", "")).startswith("\\A")
+
+
 def _raw_encoder_json(j: dict) -> dict:
     """A copy of the tokenizer that encodes a fragment as it would appear mid-text."""
     j = json.loads(json.dumps(j))
@@ -149,10 +159,9 @@ def _raw_encoder_json(j: dict) -> dict:
     def strip_prepend(node):
         if isinstance(node, dict):
             if node.get("type") == "Sequence" and "normalizers" in node:
-                node["normalizers"] = [strip_prepend(n) for n in node["normalizers"] if not (
-                    isinstance(n, dict) and n.get("type") == "Prepend")]
+                node["normalizers"] = [strip_prepend(n) for n in node["normalizers"] if not _is_start_rule(n)]
                 return node
-            if node.get("type") == "Prepend":
+            if _is_start_rule(node):
                 return None
         return node
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from helpers import tokenizer, vocab
@@ -59,8 +59,11 @@ def test_wordpiece_surfaces_modulo_normalizer(text):
 @settings(max_examples=40, deadline=None)
 @given(data=st.binary(min_size=1, max_size=12))
 def test_encode_bytes_round_trips_arbitrary_bytes(name, data):
-    """Mid-text re-encoding (used by the projection) reproduces any byte string, even invalid UTF-8."""
+    """Mid-text re-encoding (used by the projection) reproduces any byte string, even invalid UTF-8.
+
+    Only bytes the vocabulary can express at all (SmolLM2 lacks a few control bytes and 0xF5-0xFF)."""
     v = vocab(name)
+    assume(all(v.byte_token_ids[b] >= 0 for b in data))
     ids = v.encode_bytes(data)
     assert v.decode_bytes(ids, at_start=False) == data
 
