@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery import assets
+from surgery import asset_builders, assets
 from surgery.errors import SurgeryError
 
 TEXTS = Path(__file__).resolve().parents[2] / "artifacts" / "texts"
@@ -248,7 +248,7 @@ def test_qwen2_tokenizer_agrees_with_tiktoken():
 
     tok = AutoTokenizer.from_pretrained(_built("qwen2-tokenizer"))
     ranks = load_tiktoken_bpe(str(assets.package_dir(assets.SPECS["qwen2-tokenizer"]) / "resources/qwen.tiktoken"))
-    enc = tiktoken.Encoding("qwen2", pat_str=assets._QWEN2_PATTERN, mergeable_ranks=ranks,
+    enc = tiktoken.Encoding("qwen2", pat_str=asset_builders._QWEN2_PATTERN, mergeable_ranks=ranks,
                             special_tokens={"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645})
     texts = [(TEXTS / "debian-reference.en.heldout.txt").read_text("utf-8")[:4000],
              (TEXTS / "debian-reference.zh.heldout.txt").read_text("utf-8")[:3000],
