@@ -1,6 +1,7 @@
 """Benchmark: build time and peak memory of the vocabulary projection for real tokenizer pairs.
 
-Run: `.venv/bin/python benchmarks/align.py` (after `surgery assets`). Prints one JSON line per pair.
+Run: `.venv/bin/python benchmarks/align.py [--all-pairs]` (after `surgery assets`). Prints one JSON line
+per pair; `--all-pairs` reports coverage counts for every ordered pair of shipped tokenizers.
 Each pair runs in a fresh subprocess so that peak RSS is the pair's own.
 """
 
@@ -39,7 +40,33 @@ print(json.dumps({"benchmark": "align", "a": a, "b": b, "V_a": len(va), "V_b": l
 """
 
 
+ALL = ["smollm2-135m", "gemma3-270m", "llama3-tokenizer", "qwen2-tokenizer", "mistral-v1-tokenizer",
+       "mistral-v3-tokenizer", "tekken-tokenizer", "bert-tokenizer"]
+
+
+def all_pairs() -> int:
+    """Coverage of every ordered pair of shipped tokenizers (in one process, vocabularies built once)."""
+    import time
+
+    from surgery.loading import load_tokenizer
+    from surgery.vocab.projection import build_projection
+    from surgery.vocab.surfaces import canonical_vocabulary
+
+    vocabs = {n: canonical_vocabulary(load_tokenizer(n), n) for n in ALL}
+    for a in ALL:
+        for b in ALL:
+            if a == b:
+                continue
+            t0 = time.time()
+            P = build_projection(vocabs[a], vocabs[b])
+            print(json.dumps({"benchmark": "align_coverage", "a": a, "b": b, **P.counts(),
+                              "seconds": round(time.time() - t0, 2)}), flush=True)
+    return 0
+
+
 def main() -> int:
+    if "--all-pairs" in sys.argv:
+        return all_pairs()
     for a, b in PAIRS:
         r = subprocess.run([sys.executable, "-c", CHILD, a, b], capture_output=True, text=True)
         if r.returncode != 0:
