@@ -1,0 +1,144 @@
+"""Benchmark: tokenizer transplantation into SmolLM2-135M, every method, bits/byte before and after heal.
+
+Run (after `surgery assets`; about 1-2 h on 2 CPU cores with a cold aux cache):
+
+    .venv/bin/python benchmarks/transplant.py
+
+Tiny variant (one pair, two methods, short texts, no heal; a few minutes):
+
+    .venv/bin/python benchmarks/transplant.py --pairs llama3-tokenizer --methods mean tokenadapt \\
+        --langs en --max-bytes 3000 --heal-minutes 0
+
+Prints one JSON object per line: the original model per language (``kind: original``), each
+method × tokenizer × language (``kind: zero_shot``, with the ratio to the original and the
+transplant wall time), then the best method of each pair after a short CPU heal on the shipped
+*train* texts (``kind: healed``). Evaluation is on the shipped *held-out* texts
+(``artifacts/texts/debian-reference.LL.heldout.txt``), the first ``--max-bytes`` bytes, windows of
+1024 tokens with stride ``--stride``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ROOT / "artifacts" / "texts"
+
+# method name → TransplantConfig overrides
+METHODS = {
+    "random": {"method": "random"},
+    "mean": {"method": "mean"},
+    "tokenadapt-published": {"method": "tokenadapt-published"},
+    "tokenadapt": {"method": "tokenadapt"},
+    "tokenadapt-untie": {"method": "tokenadapt", "untie": True},
+    "omp": {"method": "omp", "donor": "gemma3-270m"},
+}
+DONOR_OF = {"omp": {"gemma3-270m"}}  # omp only where the donor speaks the new tokenizer
+
+
+def emit(d: dict) -> None:
+    print(json.dumps(d), flush=True)
+
+
+def heldout(lang: str, max_bytes: int) -> str:
+    t = (TEXTS / f"debian-reference.{lang}.heldout.txt").read_text()
+    b = t.encode()[:max_bytes]
+    return b.decode("utf-8", errors="ignore")
+
+
+def evaluate(model, tok, texts: dict, stride: int) -> dict:
+    from surgery.evaluate import bits_per_byte
+
+    return {lang: bits_per_byte(model, tok, text, max_length=1024, stride=stride, progress=False).bits_per_byte
+            for lang, text in texts.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="smollm2-135m")
+    ap.add_argument("--pairs", nargs="+", default=["llama3-tokenizer", "gemma3-270m"], help="new tokenizers")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--langs", nargs="+", default=["en", "de", "zh", "ja"])
+    ap.add_argument("--max-bytes", type=int, default=8000, help="bytes of each held-out text scored")
+    ap.add_argument("--stride", type=int, default=1024, help="evaluation stride (1024 = no overlap)")
+    ap.add_argument("--heal-minutes", type=float, default=5.0, help="CPU heal of the best method (0 = skip)")
+    ap.add_argument("--heal-texts", nargs="+", default=None, help="default: shipped train texts of --langs")
+    ap.add_argument("--work", default=None, help="folder for transplanted checkpoints (default: a temp folder)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.transplant import HealConfig, TransplantConfig, transplant_checkpoint
+    from surgery.transplant.aux_embeddings import default_cache_dir
+    from surgery.transplant.heal import heal_checkpoint
+
+    texts = {lang: heldout(lang, args.max_bytes) for lang in args.langs}
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-transplant-"))
+    base_tok = load_tokenizer(args.base)
+    model = load_model(args.base)
+    t0 = time.time()
+    orig = evaluate(model, base_tok, texts, args.stride)
+    del model
+    for lang, v in orig.items():
+        emit({"kind": "original", "model": args.base, "lang": lang, "bits_per_byte": round(v, 4),
+              "bytes": len(texts[lang].encode()), "eval_s": round(time.time() - t0, 1)})
+
+    for pair in args.pairs:
+        results = {}
+        for name in args.methods:
+            over = METHODS[name]
+            if name in DONOR_OF and pair not in DONOR_OF[name]:
+                continue
+            cfg = TransplantConfig(**over, cache_dir=str(default_cache_dir()))
+            out = work / f"{pair}-{name}"
+            t1 = time.time()
+            rep = transplant_checkpoint(args.base, pair, str(out), cfg, overwrite=True, progress=False)
+            t_tr = time.time() - t1
+            model = load_model(out)
+            tok = load_tokenizer(out)
+            t2 = time.time()
+            bpb = evaluate(model, tok, texts, args.stride)
+            del model
+            results[name] = (bpb, out)
+            for lang, v in bpb.items():
+                emit({"kind": "zero_shot", "base": args.base, "tokenizer": pair, "method": name, "lang": lang,
+                      "bits_per_byte": round(v, 4), "ratio": round(v / orig[lang], 4),
+                      "transplant_s": round(t_tr, 1), "eval_s": round(time.time() - t2, 1),
+                      "counts": rep["counts"], "timings_s": rep["timings_s"],
+                      "aux": {k: v for k, v in rep["method_stats"].items() if k.startswith(("aux_", "seconds"))}})
+        if args.heal_minutes > 0 and results:
+            best = min(results, key=lambda n: sum(results[n][0].values()) / len(results[n][0]))
+            src = results[best][1]
+            heal_texts = args.heal_texts or [str(TEXTS / f"debian-reference.{lang}.train.txt") for lang in args.langs]
+            out = work / f"{pair}-{best}-healed"
+            cfg = HealConfig(minutes=args.heal_minutes, device="cpu", seq_len=128, batch_size=4, lr=2e-3,
+                             checkpoint_every=1000)
+            t3 = time.time()
+            s = heal_checkpoint(str(src), heal_texts, str(out), cfg, overwrite=True, progress=False)
+            model = load_model(out)
+            tok = load_tokenizer(out)
+            bpb = evaluate(model, tok, texts, args.stride)
+            del model
+            for lang, v in bpb.items():
+                emit({"kind": "healed", "base": args.base, "tokenizer": pair, "method": best, "lang": lang,
+                      "bits_per_byte": round(v, 4), "ratio": round(v / orig[lang], 4),
+                      "zero_shot_bits_per_byte": round(results[best][0][lang], 4),
+                      "heal_steps": s["steps"], "heal_s": round(time.time() - t3, 1),
+                      "heal_tokens": s["tokens_seen"]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Scoring a whole text at byte level on its canonical tokenization.
+
+The definitions are those of :mod:`surgery.bytelevel.bytelm`. To score
+``z`` (the text's stream) every prefix ``z[:k]`` needs its covering tree: the
+encoding of the pieces before ``B_k`` (the start of the last pre-token piece of
+``z[:k]``) plus the nodes inside that piece. Because pre-token boundaries
+before the last piece never move, that encoding is a prefix of the
+canonical tokenization of the whole text (the *trunk*), and the tree of every
+prefix hangs off the trunk as short *branches*. Windows over the trunk (as in
+:func:`surgery.evaluate.token_nll`) are evaluated with the branches attached to
+them by tree attention in the same forward pass: one pass per window, whatever
+the number of bytes. In ``exact`` mode there is one tree for the whole text
+(every segmentation), hung off the same trunk.
+
+For prefix ``z[:k]`` with nodes ``e`` ending at ``m_e ≤ k`` (probabilities relative
+to the tree's root), the next-byte numerator and normalizer are
+
+    num_k(b) = Σ_e p(e) · P_e(surface starts with z[m_e:k]·b)
+    N_k      = Σ_{m_e<k} p(e) · (P_e(starts with z[m_e:k]) − P_e(equals z[m_e:k])) + Σ_{m_e=k} p(e)
+
+and ``log P(z[k] | z[:k]) = log num_k(z[k]) − log N_k``; ``N_k`` is the sum of the
+257 numerators (the end-of-text one from nodes with ``m_e = k``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from surgery.bytelevel.bytelm import consistency_mask
+from surgery.bytelevel.cover import CoverTree
+from surgery.bytelevel.masses import NodeMasses
+from surgery.bytelevel.treeattn import forward_window, logits_from_hidden
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreResult:
+    """Result of :func:`score`.
+
+    Attributes:
+        logprob: natural-log prefix probability of the text.
+        byte_logprobs: ``(n,)`` log P(byte i | bytes before it).
+        dists: ``(n+1, 257)`` next-byte log-probabilities after each prefix (``full=True`` only).
+        n_bytes, n_trunk, n_branch: bytes scored, trunk tokens, extra branch tokens evaluated.
+        n_windows: forward passes; seconds: wall time.
+    """
+
+    logprob: float
+    byte_logprobs: np.ndarray
+    dists: np.ndarray | None
+    n_bytes: int
+    n_trunk: int
+    n_branch: int
+    n_windows: int
+    seconds: float
+
+
+def _logsumexp_at(k: np.ndarray, v: np.ndarray, size: int) -> np.ndarray:
+    """``out[i] = log Σ exp(v[k == i])`` (``-inf`` where nothing lands)."""
+    out = np.full(size, -np.inf)
+    if len(k) == 0:
+        return out
+    np.maximum.at(out, k, v)
+    ref = np.where(np.isfinite(out), out, 0.0)
+    acc = np.zeros(size)
+    np.add.at(acc, k, np.exp(v - ref[k]))
+    with np.errstate(divide="ignore"):
+        return np.where(acc > 0, ref + np.log(acc), -np.inf)
+
+
+class _Items:
+    """Deduplicated token paths to evaluate: trunk positions plus branch tokens hanging off them."""
+
+    def __init__(self, trunk: list[int], surfaces):
+        self.trunk = trunk  # S = [start] + tokens
+        K = len(trunk)
+        self.end = [0] * K  # byte offset where each item ends
+        for i in range(1, K):
+            self.end[i] = self.end[i - 1] + len(surfaces[trunk[i]])
+        self.parent = list(range(-1, K - 1))
+        self.token = list(trunk)
+        self.attach = list(range(K))  # deepest trunk ancestor
+        self.depth = [0] * K  # tokens after the attach point
+        self.key: dict[tuple[int, int], int] = {}
+        self.surfaces = surfaces
+        self.jmax = [0] * K
+        self.rows: dict[int, set[int]] = {}  # item -> offsets j whose full next-byte masses are needed
+        self.want: set[int] = set()
+        self.child_tokens: dict[int, set[int]] = {}
+
+    def child(self, item: int, token: int) -> int:
+        if item < len(self.trunk) - 1 and self.attach[item] == item and self.trunk[item + 1] == token:
+            return item + 1
+        got = self.key.get((item, token))
+        if got is None:
+            got = self.key[(item, token)] = len(self.parent)
+            self.parent.append(item)
+            self.token.append(token)
+            self.end.append(self.end[item] + len(self.surfaces[token]))
+            self.attach.append(self.attach[item])
+            self.depth.append(self.depth[item] + 1)
+            self.jmax.append(0)
+        return got
+
+    def path_item(self, tokens: list[int]) -> int:
+        item = 0
+        for t in tokens:
+            item = self.child(item, t)
+        return item
+
+
+def _windows(n_trunk: int, max_length: int, stride: int, branch_count: np.ndarray, cap: int):
+    """``(begin, own_start, own_end)`` windows over trunk positions; a window owning too many branch
+    tokens is split so that each forward pass stays below ``cap`` tokens."""
+    out = []
+    own = 0
+    while own < n_trunk:
+        end = min(n_trunk, own + (max_length if not out else stride))
+        while end - own > 1 and branch_count[own:end].sum() + min(end, max_length) > cap:
+            end = own + (end - own) // 2
+        out.append((max(0, end - max_length), own, end))
+        own = end
+    return out
+
+
+@torch.no_grad()
+def score(blm, data: bytes, full: bool = False, progress: bool = False) -> ScoreResult:
+    """Byte-level log-probabilities of ``data`` under ``blm`` (a :class:`~surgery.bytelevel.bytelm.ByteLM`).
+
+    Args:
+        full: also return the full next-byte distribution after every prefix.
+    """
+    t0 = time.time()
+    canonical = blm.mode == "canonical"
+    z = blm.stream(data)
+    off = blm.offset
+    n = len(z)
+    k_hi = n if full else n - 1  # last prefix length whose next-byte distribution is needed
+    index, surfaces = blm.index, blm.vocab.surfaces
+
+    # 1. segments: prefixes sharing the start of their last piece share one covering tree
+    starts = [0] * (k_hi + 1)
+    splits = [frozenset()] * (k_hi + 1)
+    if canonical:
+        for k in range(1, k_hi + 1):
+            starts[k] = blm.canon.last_piece_start(z[:k], starts[k - 1])
+            splits[k] = blm.canon.split_points(z[:k], starts[k])
+    segments: list[tuple[int, int, int]] = []  # (start, k_first, k_last)
+    for k in range(off, k_hi + 1):
+        if segments and segments[-1][0] == starts[k]:
+            segments[-1] = (starts[k], segments[-1][1], k)
+        else:
+            segments.append((starts[k], k, k))
+
+    # 2. trunk and the items (token paths) every tree node maps to
+    trunk = [blm.start_id] + blm.canon.encode(z)
+    items = _Items(trunk, surfaces)
+    trunk_at = {e: i for i, e in enumerate(items.end)}
+    trees = []
+    for start, k_first, k_last in segments:
+        root = trunk_at.get(start)
+        if root is None:  # the pieces before `start` are tokenized differently in the whole text
+            root = items.path_item(blm.canon.last_piece(z[:k_first], 0)[1])
+        union = frozenset().union(*splits[k_first:k_last + 1])
+        tree = CoverTree(index, blm.canon if canonical else None, start, blm.max_nodes, splits=union)
+        tree.extend(z[:k_last])
+        node_item = [root] + [0] * (len(tree) - 1)
+        for i in range(1, len(tree)):
+            node_item[i] = items.child(node_item[tree.parent[i]], tree.token[i])
+        for i in range(len(tree)):
+            it = node_item[i]
+            m = tree.end[i]
+            items.want.add(it)
+            items.jmax[it] = max(items.jmax[it], k_last + 1 - m)
+            top = min(k_last, m + index.max_len)
+            if full:
+                items.rows.setdefault(it, set()).update(range(top - m + 1))
+            else:
+                rows = [k - m for k in range(m, top + 1) if splits[k]]
+                if rows:
+                    items.rows.setdefault(it, set()).update(rows)
+            if tree.parent[i] >= 0:
+                items.child_tokens.setdefault(node_item[tree.parent[i]], set()).add(tree.token[i])
+        trees.append((tree, node_item, k_first, k_last))
+
+    # 3. windows over the trunk, branches evaluated with the window that owns their attach point
+    K = len(trunk)
+    n_items = len(items.parent)
+    branch_of: dict[int, list[int]] = {}
+    for it in range(K, n_items):
+        branch_of.setdefault(items.attach[it], []).append(it)
+    counts = np.zeros(K, dtype=np.int64)
+    for a, its in branch_of.items():
+        counts[a] = len(its)
+    max_length = blm.max_length
+    stride = blm.stride or max(1, max_length // 2)
+    stride = min(stride, max_length - 1) if max_length > 1 else 1
+    wins = _windows(K, max_length, stride, counts, cap=max(4 * max_length, 2048))
+    stats: dict[int, NodeMasses] = {}
+    child_lp: dict[int, dict[int, float]] = {}
+    rows_at: dict[tuple[int, int], np.ndarray] = {}  # (item, j) -> (257,) next-byte masses
+    for begin, own0, own1 in wins:
+        local = {i: i - begin for i in range(begin, own1)}
+        branches: list[tuple[int, int]] = []
+        T = own1 - begin
+        for a in range(own0, own1):
+            for it in branch_of.get(a, ()):
+                local[it] = T + len(branches)
+                branches.append((items.token[it], local[items.parent[it]]))
+        todo = [i for i in range(own0, own1) if i in items.want]
+        todo += [it for a in range(own0, own1) for it in branch_of.get(a, ()) if it in items.want]
+        if not todo:
+            continue
+        h_trunk, h_branch = forward_window(blm.model, trunk[begin:own1], branches)
+        hidden = torch.cat([h_trunk, h_branch])
+        del h_trunk, h_branch
+        for s in range(0, len(todo), blm.batch_size):
+            group = todo[s:s + blm.batch_size]
+            rows = torch.tensor([local[i] for i in group], device=hidden.device)
+            lp = torch.log_softmax(logits_from_hidden(blm.model, hidden[rows]), dim=-1)
+            lp = lp.cpu().numpy()
+            for it, row in zip(group, lp):
+                nm = NodeMasses(row, index, z, items.end[it], items.jmax[it])
+                stats[it] = nm
+                kids = items.child_tokens.get(it, ())
+                if kids:
+                    child_lp[it] = {t: float(row[t]) for t in kids}
+                for j in items.rows.get(it, ()):
+                    if j and (j > len(nm.M) or nm.M[j - 1] - nm.E[j - 1] <= 0):
+                        continue  # dead there: never asked for
+                    row = nm.next_bytes(j)
+                    rows_at[(it, j)] = row if j == 0 else np.append(row, 0.0)
+                nm.lp = nm.cs = None  # keep only the masses
+        del hidden
+
+    # 4. per prefix: numerator of the actual next byte, normalizer, full distributions
+    num = np.full(k_hi + 1, -np.inf)
+    norm = np.full(k_hi + 1, -np.inf)
+    dists = np.full((k_hi + 1, 257), -np.inf) if full else None
+    for tree, node_item, k_first, k_last in trees:
+        logp = [0.0] * len(tree)
+        for i in range(1, len(tree)):
+            logp[i] = logp[tree.parent[i]] + child_lp[node_item[tree.parent[i]]][tree.token[i]]
+        kn, vn, kz, vz = [], [], [], []  # numerator / normalizer terms (prefix length, log value)
+        dk, dv = [], []  # full rows (prefix length, node weight, item, j)
+        special: dict[int, list[int]] = {}  # prefix length with split points -> live nodes
+        for i in range(len(tree)):
+            nm = stats[node_item[i]]
+            m = tree.end[i]
+            used = tree.splits_used[i]
+            for k in range(max(m, k_first), min(k_last, m + len(nm.M)) + 1):
+                j = k - m
+                if j and nm.M[j - 1] - nm.E[j - 1] <= 0:
+                    break  # no token continues past z[m:k]
+                if used and not all(p in splits[k] for p in used):
+                    continue  # node i is not in the tree of prefix z[:k]
+                if splits[k]:
+                    special.setdefault(k, []).append(i)
+                    continue
+                if j == 0:
+                    kz.append(k)
+                    vz.append(logp[i])
+                else:
+                    kz.append(k)
+                    vz.append(logp[i] + math.log(nm.M[j - 1] - nm.E[j - 1]))
+                if j < len(nm.M) and nm.M[j] > 0:
+                    kn.append(k)
+                    vn.append(logp[i] + math.log(nm.M[j]))
+                if full:
+                    dk.append(k)
+                    dv.append((logp[i], node_item[i], j))
+        sl = slice(k_first, k_last + 1)
+        num[sl] = _logsumexp_at(np.asarray(kn, dtype=np.int64), np.asarray(vn), k_hi + 1)[sl]
+        norm[sl] = _logsumexp_at(np.asarray(kz, dtype=np.int64), np.asarray(vz), k_hi + 1)[sl]
+        if full and dk:
+            kk = np.asarray(dk, dtype=np.int64)
+            with np.errstate(divide="ignore"):
+                vals = np.stack([w + np.log(rows_at[(it, j)]) for w, it, j in dv])
+            for c in range(257):
+                col = _logsumexp_at(kk, vals[:, c], k_hi + 1)
+                dists[sl, c] = col[sl]
+        for k, nodes in special.items():  # the next byte decides which readings of the split points count
+            points = tuple(sorted(splits[k]))
+            decisions = blm.canon.split_decisions(z[:k], starts[k], points)
+            ref = max(logp[i] for i in nodes)
+            acc = np.zeros(257)
+            for i in nodes:
+                row = rows_at[(node_item[i], k - tree.end[i])]
+                acc += math.exp(logp[i] - ref) * row * consistency_mask(tree, i, points, decisions)
+            with np.errstate(divide="ignore"):
+                norm[k] = ref + math.log(acc.sum())
+                if k < n:
+                    num[k] = ref + math.log(acc[z[k]]) if acc[z[k]] > 0 else -np.inf
+                if full:
+                    dists[k] = ref + np.log(acc)
+    byte_lp = num[off:n] - norm[off:n]
+    if full:
+        dists = dists[off:] - norm[off:, None]
+    seconds = time.time() - t0
+    n_branch = n_items - K
+    LOG.info("byte-level scoring: %d bytes, %d trunk tokens, %d branch tokens, %d windows, %.1fs",
+             n - off, K - 1, n_branch, len(wins), seconds)
+    return ScoreResult(float(byte_lp.sum()), byte_lp, dists, n - off, K - 1, n_branch, len(wins), seconds)

@@ -1,0 +1,87 @@
+"""`surgery ensemble`: generate from several models with different tokenizers, byte by byte."""
+
+from __future__ import annotations
+
+import time
+
+NAME = "ensemble"
+HELP = "generate from an ensemble of models with different vocabularies (byte level; --token-level approximate)"
+DESCRIPTION = (
+    "Convert each model to a byte-level LM and sample each byte from their weighted mixture (mix) or normalized "
+    "weighted geometric mean (product). Works across vocabularies (e.g. SmolLM2 + Gemma-3). --token-level instead "
+    "projects every model's next-token distribution into the first model's vocabulary (fast, approximate)."
+)
+
+
+def add_arguments(p):
+    from surgery.bytelevel.ensemble import ENSEMBLE_MODES
+
+    p.add_argument("--model", action="append", required=True,
+                   help="a member model (repeat: --model A --model B); asset name, folder or hub id")
+    p.add_argument("--weight", type=float, action="append", default=None,
+                   help="weight of each --model in order (repeat; default uniform)")
+    p.add_argument("--mode", choices=sorted(ENSEMBLE_MODES), default="mix", help="how to combine (default mix)")
+    p.add_argument("--token-level", action="store_true",
+                   help="approximate token-level ensemble in the first model's vocabulary (via projections)")
+    p.add_argument("--byte-mode", choices=["canonical", "exact"], default="canonical",
+                   help="byte-level conversion of each member (default canonical)")
+    p.add_argument("--prompt", required=True, help="text to continue (may end mid-word)")
+    p.add_argument("--max-bytes", type=int, default=200, help="stop after this many bytes (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+
+
+def validate(args) -> None:
+    from surgery.errors import ConfigError
+
+    problems = []
+    if args.weight is not None:
+        if len(args.weight) != len(args.model):
+            problems.append(f"{len(args.weight)} --weight values for {len(args.model)} --model values")
+        if any(w < 0 for w in args.weight) or sum(args.weight) <= 0:
+            problems.append(f"weights must be non-negative and not all zero, got {args.weight}")
+    if args.max_bytes < 1:
+        problems.append(f"--max-bytes must be >= 1, got {args.max_bytes}")
+    if args.temperature < 0:
+        problems.append(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.prompt:
+        problems.append("--prompt is empty")
+    if problems:
+        raise ConfigError(problems, "give one --weight per --model (or none), and valid sampling options")
+
+
+def run(args) -> int:
+    from surgery.loading import default_device, load_model, load_tokenizer
+
+    validate(args)
+    device = args.device or default_device()
+    toks = [load_tokenizer(m, trust_remote_code=args.trust_remote_code) for m in args.model]
+    models = [load_model(m, device=device, trust_remote_code=args.trust_remote_code) for m in args.model]
+    t0 = time.time()
+    prompt = args.prompt.encode("utf-8")
+    if args.token_level:
+        from surgery.bytelevel.ensemble import TokenEnsemble
+
+        ens = TokenEnsemble(models, toks, args.weight, args.mode)
+        out = ens.generate(prompt, args.max_bytes, args.temperature, args.top_p, args.seed)
+        how = f"token level in {args.model[0]}'s vocabulary (approximate)"
+    else:
+        from surgery.bytelevel import ByteLM
+        from surgery.bytelevel.ensemble import ByteEnsemble
+
+        ens = ByteEnsemble([ByteLM(m, t, mode=args.byte_mode) for m, t in zip(models, toks)], args.weight,
+                           args.mode)
+        out = ens.generate(prompt, args.max_bytes, args.temperature, args.top_p, args.seed)
+        how = f"byte level ({args.byte_mode}), forward passes per member {ens.forwards}"
+    seconds = time.time() - t0
+    weights = [round(float(w), 3) for w in ens.weights]
+    print(args.prompt + out.decode("utf-8", errors="replace"))
+    print(f"\nGenerated {len(out)} bytes from the {args.mode} of {', '.join(args.model)} (weights {weights}), {how}, "
+          f"temperature {args.temperature}, top-p {args.top_p}, in {seconds:.1f} s "
+          f"({len(out) / max(seconds, 1e-9):.2f} bytes/s).")
+    return 0

@@ -1,0 +1,169 @@
+"""Frozen, validated configuration of a transplant and of a heal run.
+
+One config system for the CLI, recipes and benchmarks: unknown keys are errors
+(:meth:`TransplantConfig.from_dict`), and every violated rule is reported at once
+through :class:`surgery.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from surgery.errors import ConfigError
+
+SPLITS = ("none", "pieces")
+
+
+def _from_dict(cls, d: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError([f"unknown config key {k!r}" for k in unknown], f"valid keys: {', '.join(sorted(known))}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class TransplantConfig:
+    """Parameters of :func:`surgery.transplant.transplant`.
+
+    The defaults are the TokenAdapt reference values (k=3, τ=0.3, w=0.3, θ=0, pad to 128)
+    plus the measured improvements of ``io_split="pieces"`` (see :mod:`surgery.transplant.methods`).
+    """
+
+    method: str = field(default="tokenadapt", metadata={"help": "init method (registry name)"})
+    aux_model: str = field(default="minilm", metadata={"help": "sentence-transformers model: asset name, folder or hub id"})
+    top_k: int = field(default=3, metadata={"help": "global heuristic: neighbours per new token"})
+    temperature: float = field(default=0.3, metadata={"help": "softmax temperature τ of local and global weights"})
+    global_weight: float = field(default=0.3, metadata={"help": "hybrid weight w of the global estimate"})
+    threshold: float = field(default=0.0, metadata={"help": "global heuristic: drop neighbours with cosine < θ"})
+    io_split: str = field(default="pieces", metadata={
+        "help": "'pieces': merged tokens get a logit offset per extra piece and, on an untied head, input rows "
+                "lean on the last piece and output rows on the first (see methods); 'none': as published"})
+    input_focus: float = field(default=0.5, metadata={"help": "io_split=pieces: weight of the last piece in input rows"})
+    output_focus: float = field(default=0.5, metadata={"help": "io_split=pieces: weight of the first piece in output rows"})
+    output_bias: float | None = field(default=None, metadata={
+        "help": "io_split=pieces: logit offset per extra piece of a merged token (0 = off; default: -1.0 on a "
+                "tied head, -1.5 on an untied one, the measured best); see calibration"})
+    calibration_texts: tuple = field(default=(), metadata={
+        "help": "text files for fitting the logit-bias direction (default: the shipped train texts)"})
+    donor: str | None = field(default=None, metadata={"help": "omp: donor model that already speaks the new tokenizer"})
+    omp_k: int = field(default=64, metadata={"help": "omp: non-zero coefficients per new token"})
+    untie: bool = field(default=False, metadata={"help": "give a tied model a separate output head"})
+    pad_to_multiple: int = field(default=128, metadata={"help": "pad the embedding rows to a multiple of this (1 = off)"})
+    fill_special_roles: bool = field(default=True, metadata={
+        "help": "set a missing bos/eos on the new tokenizer from its <|begin_of_text|>/<eos>-style tokens"})
+    add_chat_markers: bool = field(default=False, metadata={
+        "help": "add the old chat template's markers to a new tokenizer without a template (rows copied)"})
+    seed: int = field(default=0, metadata={"help": "seed of random rows"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda for the numeric work (default: cuda if present)"})
+    aux_batch_size: int = field(default=512, metadata={"help": "aux model batch size"})
+    aux_max_seq_length: int = field(default=16, metadata={"help": "aux model max tokens per token string"})
+    aux_dtype: str = field(default="auto", metadata={
+        "help": "aux model dtype: auto (bf16 where the hardware has it), float32, bfloat16, float16"})
+    cache_dir: str = field(default="artifacts/cache/aux", metadata={"help": "aux embedding cache folder"})
+
+    def __post_init__(self):
+        problems = []
+        if self.top_k < 1:
+            problems.append(f"top_k must be >= 1, got {self.top_k}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.global_weight <= 1.0:
+            problems.append(f"global_weight must be in [0, 1], got {self.global_weight}")
+        if not -1.0 <= self.threshold <= 1.0:
+            problems.append(f"threshold is a cosine similarity in [-1, 1], got {self.threshold}")
+        if self.io_split not in SPLITS:
+            problems.append(f"io_split must be one of {SPLITS}, got {self.io_split!r}")
+        for name in ("input_focus", "output_focus"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {v}")
+        if self.output_bias is not None and not -20.0 <= self.output_bias <= 0.0:
+            problems.append(f"output_bias is a logit offset per extra piece in [-20, 0], got {self.output_bias}")
+        if self.omp_k < 1:
+            problems.append(f"omp_k must be >= 1, got {self.omp_k}")
+        if self.pad_to_multiple < 1:
+            problems.append(f"pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
+        if self.aux_batch_size < 1 or self.aux_max_seq_length < 2:
+            problems.append("aux_batch_size must be >= 1 and aux_max_seq_length >= 2")
+        if self.aux_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            problems.append(f"aux_dtype must be auto, float32, bfloat16 or float16, got {self.aux_dtype!r}")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            problems.append(f"device must be cpu or cuda, got {self.device!r}")
+        from surgery.transplant.methods import METHODS
+
+        if self.method not in METHODS:
+            problems.append(f"unknown method {self.method!r} (known: {', '.join(sorted(METHODS))})")
+        elif self.method == "omp" and not self.donor:
+            problems.append("method 'omp' needs a donor model (--donor MODEL)")
+        if problems:
+            raise ConfigError(problems, "see `surgery transplant --help`")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransplantConfig":
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["calibration_texts"] = list(self.calibration_texts)
+        return d
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """Parameters of :func:`surgery.transplant.heal.heal`.
+
+    Exactly one of ``steps`` and ``minutes`` bounds the run.
+    """
+
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps"})
+    minutes: float | None = field(default=None, metadata={"help": "wall-clock budget instead of steps"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate of the new rows"})
+    lora: bool = field(default=False, metadata={"help": "also train LoRA adapters on the attention/MLP projections"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_lr: float = field(default=2e-4, metadata={"help": "learning rate of the LoRA adapters"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per step"})
+    warmup: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
+    train_rows: str = field(default="new", metadata={"help": "'new': only rows that were not copied; 'all': every row"})
+    autocast: str = field(default="auto", metadata={
+        "help": "mixed precision: auto (bf16 on CUDA and on CPUs with native bf16), bf16, off"})
+    checkpoint_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every N steps"})
+    seed: int = field(default=0, metadata={"help": "data order and init seed"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if present)"})
+
+    def __post_init__(self):
+        problems = []
+        if (self.steps is None) == (self.minutes is None):
+            problems.append("give exactly one of steps and minutes")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.minutes is not None and not self.minutes > 0:
+            problems.append(f"minutes must be > 0, got {self.minutes}")
+        if not self.lr > 0 or not self.lora_lr > 0:
+            problems.append("learning rates must be > 0")
+        if self.lora_rank < 1:
+            problems.append(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.seq_len < 8:
+            problems.append(f"seq_len must be >= 8, got {self.seq_len}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.warmup < 0 or self.checkpoint_every < 1:
+            problems.append("warmup must be >= 0 and checkpoint_every >= 1")
+        if self.autocast not in ("auto", "bf16", "off"):
+            problems.append(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
+        if self.train_rows not in ("new", "all"):
+            problems.append(f"train_rows must be 'new' or 'all', got {self.train_rows!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            problems.append("grad_clip and weight_decay must be >= 0")
+        if problems:
+            raise ConfigError(problems, "see `surgery heal --help`")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HealConfig":
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

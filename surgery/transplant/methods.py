@@ -1,0 +1,491 @@
+"""Init methods for the rows of new tokens, by name (``--method``).
+
+Every method answers the same question for the *target* tokens (new tokens that
+have bytes but no identical old token): which combination of old rows should
+each new row be? The answer is a :class:`RowPlan` — sparse coefficient matrices
+``(T, V_old)`` for input and output rows, plus rows left to random init — so the
+model's matrices are only touched once, by :mod:`surgery.transplant.transplant`.
+
+Methods:
+
+- ``mean``: uniform mean of the old rows of the token's pieces (its bytes re-encoded
+  mid-text by the old tokenizer).
+- ``random``: ``N(mean, std)`` per dimension of the old rows.
+- ``tokenadapt``: the TokenAdapt hybrid (ALGORITHMS.md §3). *Local*: pieces ``s_j``,
+  ``α_j = cos φ(s), φ(s_j)``, ``λ_j = len(s_j)/len(s)`` (bytes), ``c = (softmax(α)+λ)/2``,
+  ``w = softmax(c/τ)``. *Global*: the ``k`` old tokens nearest to ``φ(s)`` (exact inner
+  product), ``softmax(α/τ)`` over those with ``α ≥ θ``. *Hybrid*: ``(1−w)·local + w·global``;
+  either alone when the other is missing; random when both are.
+  ``io_split="pieces"`` (the default; ``tokenadapt-published`` turns it off) goes beyond
+  the published heuristic, where measurements showed it pays:
+
+  * the probability of a merged token ``p1…pn`` is ``P(p1)·P(p2…pn | p1)``: its logit should
+    sit *below* its pieces' logits, by more the more pieces it has. Head rows get a logit
+    offset ``β·(n−1)`` through the bias direction of :mod:`surgery.transplant.calibration`
+    (``output_bias``; default β = −1.0 on a tied head, −1.5 on an untied one);
+  * with an untied head (``--untie`` or an untied base) input and output rows are initialized
+    separately: after a merged token the model must continue as it would after the token's
+    *last* piece, while the merged token's probability starts with its *first* piece's. Input
+    rows become ``(1−ρ_in)·hybrid + ρ_in·E_in[last piece]``, output rows
+    ``(1−ρ_out)·hybrid + ρ_out·E_out[first piece] + β(n−1)·δ`` (ρ = 0.5). On a tied head the
+    split does not pay (one row serves both ends; measured worse), so only the offset is used.
+
+  Measured on dev slices (SmolLM2-135M ← Llama-3 tokenizer, bits/byte mean of en/de/zh; the
+  original model 1.543): published 2.642, tied + offset 2.581, untied split + offset 2.553;
+  the split *without* offset is worse than published (first-piece rows make every token that
+  starts with a frequent piece as likely as the piece itself).
+- ``omp``: donor-based (mergekit ``tokensurgeon``): the donor model's row of each new
+  token is approximated by a ``k``-sparse combination of the donor rows of shared
+  tokens (orthogonal matching pursuit, batched, atoms pre-selected by correlation),
+  and the same coefficients are applied to the base model's rows of those tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from surgery.vocab.surfaces import Vocabulary
+
+LOG = logging.getLogger(__name__)
+
+SRC_NONE, SRC_LOCAL, SRC_GLOBAL, SRC_HYBRID, SRC_RANDOM, SRC_MEAN, SRC_OMP = range(7)
+SOURCE_NAMES = {SRC_NONE: "none", SRC_LOCAL: "local", SRC_GLOBAL: "global", SRC_HYBRID: "hybrid",
+                SRC_RANDOM: "random", SRC_MEAN: "mean", SRC_OMP: "omp"}
+
+
+@dataclass
+class MethodInputs:
+    """What a method may use.
+
+    Attributes:
+        old_vocab, new_vocab: canonical vocabularies.
+        old_in: ``(V_old, d)`` input embedding rows of the base model.
+        old_out: ``(V_old, d)`` output rows (the same tensor as ``old_in`` when tied).
+        targets: ``(T,)`` new ids to initialize.
+        separate_output: the result will have an untied head (output rows may differ).
+        shared_new, shared_old: ``(S,)`` exact pairs (new id, old id).
+        config: the :class:`~surgery.transplant.config.TransplantConfig`.
+        aux: factory of the :class:`~surgery.transplant.aux_embeddings.AuxEmbedder` (lazy).
+        donor_in: ``(V_donor, d_donor)`` donor input rows (``omp`` only).
+        device: where dense numeric work runs.
+    """
+
+    old_vocab: Vocabulary
+    new_vocab: Vocabulary
+    old_in: torch.Tensor
+    old_out: torch.Tensor
+    targets: np.ndarray
+    separate_output: bool
+    shared_new: np.ndarray
+    shared_old: np.ndarray
+    config: object
+    aux: Callable | None = None
+    donor_in: torch.Tensor | None = None
+    device: str = "cpu"
+    progress: bool = False
+
+
+@dataclass
+class RowPlan:
+    """Coefficients of the new rows over the old rows.
+
+    Attributes:
+        coef_in: ``(T, V_old)`` CSR float64; row ``t`` gives target ``t``'s input row.
+        coef_out: ``(T, V_old)`` CSR for output rows, or ``None`` (same as ``coef_in``).
+        source: ``(T,)`` int8 ``SRC_*`` code; rows with ``SRC_RANDOM`` are drawn from ``N(mean, std)``.
+        stats: counts and timings for the report.
+        out_bias: ``(T,)`` logit offsets for the output rows (added along the bias direction of
+            :mod:`surgery.transplant.calibration`), or ``None``.
+    """
+
+    coef_in: sp.csr_matrix
+    coef_out: sp.csr_matrix | None
+    source: np.ndarray
+    stats: dict = field(default_factory=dict)
+    out_bias: np.ndarray | None = None
+
+
+METHODS: dict[str, Callable[[MethodInputs], RowPlan]] = {}
+
+# logit offset per extra piece (io_split="pieces"), measured on dev slices of the shipped train texts
+# (SmolLM2-135M ← Llama-3, mean bits/byte over en/de/zh): tied 2.642 → 2.581 with -1.0;
+# untied with input/output focus 0.5: 2.553 with -1.5 (-1.0: 2.579, -2.0: 2.553).
+DEFAULT_BIAS_TIED = -1.0
+DEFAULT_BIAS_UNTIED = -1.5
+
+
+def register_method(name: str):
+    """Register an init method under ``name`` (used by ``--method``)."""
+
+    def deco(fn):
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------- pieces
+@dataclass(frozen=True)
+class Pieces:
+    """Old-tokenizer pieces of the targets, flattened in target order.
+
+    Attributes:
+        ids: ``(P,)`` old ids.
+        owner: ``(P,)`` target index of each piece.
+        counts: ``(T,)`` pieces per target.
+    """
+
+    ids: np.ndarray
+    owner: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.cumsum(self.counts) - self.counts
+
+    def first(self) -> np.ndarray:
+        """``(T,)`` first piece's old id (-1 when none)."""
+        out = np.full(len(self.counts), -1, dtype=np.int64)
+        nz = self.counts > 0
+        out[nz] = self.ids[self.starts[nz]]
+        return out
+
+    def last(self) -> np.ndarray:
+        """``(T,)`` last piece's old id (-1 when none)."""
+        out = np.full(len(self.counts), -1, dtype=np.int64)
+        nz = self.counts > 0
+        out[nz] = self.ids[self.starts[nz] + self.counts[nz] - 1]
+        return out
+
+
+def decompose(new_vocab: Vocabulary, old_vocab: Vocabulary, targets: np.ndarray) -> Pieces:
+    """Re-encode each target's bytes mid-text with the old tokenizer."""
+    encs = old_vocab.encode_bytes_many([new_vocab.surfaces[int(t)] for t in targets])
+    counts = np.fromiter((len(e) for e in encs), dtype=np.int64, count=len(encs))
+    ids = np.fromiter((i for e in encs for i in e), dtype=np.int64, count=int(counts.sum()))
+    owner = np.repeat(np.arange(len(targets)), counts)
+    return Pieces(ids, owner, counts)
+
+
+def segment_softmax(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Softmax within contiguous groups of sizes ``counts`` (``x`` is ``(sum(counts),)``)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return x
+    starts = np.cumsum(counts) - counts
+    nz = counts > 0
+    mx = np.zeros(len(counts))
+    mx[nz] = np.maximum.reduceat(x, starts[nz])
+    e = np.exp(x - np.repeat(mx, counts))
+    s = np.zeros(len(counts))
+    s[nz] = np.add.reduceat(e, starts[nz])
+    return e / np.repeat(s, counts)
+
+
+def local_weights(phi_tok: np.ndarray, phi_piece: np.ndarray, pieces: Pieces, tok_len: np.ndarray,
+                  piece_len: np.ndarray, temperature: float) -> np.ndarray:
+    """TokenAdapt local weights, vectorized over all pieces.
+
+    Args:
+        phi_tok: ``(T, D)`` normalized aux embeddings of the targets.
+        phi_piece: ``(P, D)`` normalized aux embeddings of the pieces.
+        pieces: the decomposition.
+        tok_len: ``(T,)`` byte length of each target.
+        piece_len: ``(P,)`` byte length of each piece.
+        temperature: τ.
+
+    Returns:
+        ``(P,)`` weights, summing to 1 within each target.
+    """
+    alpha = np.einsum("pd,pd->p", phi_tok[pieces.owner].astype(np.float64), phi_piece.astype(np.float64))
+    lam = piece_len / np.maximum(tok_len[pieces.owner], 1)
+    c = (segment_softmax(alpha, pieces.counts) + lam) / 2.0
+    return segment_softmax(c / temperature, pieces.counts)
+
+
+def global_weights(scores: np.ndarray, temperature: float, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """TokenAdapt global weights ``softmax(α/τ)`` over the neighbours with ``α ≥ θ``.
+
+    Args:
+        scores: ``(T, k)`` cosine similarities of the neighbours.
+
+    Returns:
+        ``(weights (T, k), valid (T,))``; rows without a valid neighbour are all zero.
+    """
+    s = np.asarray(scores, dtype=np.float64) / temperature
+    keep = np.asarray(scores) >= threshold
+    s = np.where(keep, s, -np.inf)
+    valid = keep.any(axis=1)
+    mx = np.where(valid, s.max(axis=1, initial=-np.inf, where=keep), 0.0)
+    e = np.where(keep, np.exp(s - mx[:, None]), 0.0)
+    tot = e.sum(axis=1, keepdims=True)
+    w = np.divide(e, tot, out=np.zeros_like(e), where=tot > 0)
+    return w, valid
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape) -> sp.csr_matrix:
+    m = sp.csr_matrix((np.asarray(vals, dtype=np.float64), (rows, cols)), shape=shape)
+    m.sum_duplicates()
+    return m
+
+
+def _onehot_rows(ids: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    ok = ids >= 0
+    return _csr(np.flatnonzero(ok), ids[ok], np.ones(int(ok.sum())), (len(ids), n_cols))
+
+
+def _row_scale(m: sp.csr_matrix, s: np.ndarray) -> sp.csr_matrix:
+    return sp.csr_matrix(sp.diags(np.asarray(s, dtype=np.float64)) @ m)
+
+
+def apply_io_split(coef: sp.csr_matrix, pieces: Pieces, input_focus: float, output_focus: float
+                   ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Input rows lean on the last piece, output rows on the first (tokens with ≥ 2 pieces).
+
+    Returns:
+        ``(coef_in, coef_out)``.
+    """
+    multi = (pieces.counts >= 2).astype(np.float64)
+    n = coef.shape[1]
+    last, first = pieces.last(), pieces.first()
+    cin = _row_scale(coef, 1 - input_focus * multi) + _row_scale(_onehot_rows(last, n), input_focus * multi)
+    cout = _row_scale(coef, 1 - output_focus * multi) + _row_scale(_onehot_rows(first, n), output_focus * multi)
+    return cin.tocsr(), cout.tocsr()
+
+
+# --------------------------------------------------------------------------- methods
+@register_method("random")
+def random_init(inp: MethodInputs) -> RowPlan:
+    """Every target row drawn from ``N(mean, std)`` of the old rows."""
+    T, V = len(inp.targets), inp.old_in.shape[0]
+    empty = sp.csr_matrix((T, V), dtype=np.float64)
+    return RowPlan(empty, None, np.full(T, SRC_RANDOM, dtype=np.int8), {"random": T})
+
+
+@register_method("mean")
+def mean_init(inp: MethodInputs) -> RowPlan:
+    """Uniform mean of the pieces' old rows (random where the old tokenizer yields no piece)."""
+    t0 = time.time()
+    pieces = decompose(inp.new_vocab, inp.old_vocab, inp.targets)
+    w = 1.0 / np.repeat(np.maximum(pieces.counts, 1), pieces.counts)
+    coef = _csr(pieces.owner, pieces.ids, w, (len(inp.targets), inp.old_in.shape[0]))
+    src = np.where(pieces.counts > 0, SRC_MEAN, SRC_RANDOM).astype(np.int8)
+    return RowPlan(coef, None, src, {"seconds_decompose": round(time.time() - t0, 2)})
+
+
+def _aux_embeddings(inp: MethodInputs):
+    """Aux embeddings of the targets and of every old token with a surface."""
+    from surgery.transplant.aux_embeddings import vocab_embeddings
+
+    aux = inp.aux()
+    cache = getattr(inp.config, "cache_dir", None)
+    old_ids = np.flatnonzero(np.fromiter((s is not None for s in inp.old_vocab.surfaces), bool, len(inp.old_vocab)))
+    t0 = time.time()
+    phi_old, st_old = vocab_embeddings(aux, inp.old_vocab, old_ids, cache, inp.progress)
+    phi_new, st_new = vocab_embeddings(aux, inp.new_vocab, inp.targets, cache, inp.progress)
+    stats = {"aux_model": aux.name, "aux_key": aux.key, "aux_old_cached": st_old["cached"],
+             "aux_old_computed": st_old["computed"], "aux_new_cached": st_new["cached"],
+             "aux_new_computed": st_new["computed"], "aux_distinct_embedded": aux.n_embedded,
+             "seconds_aux": round(time.time() - t0, 2)}
+    return old_ids, phi_old, phi_new, stats
+
+
+def neighbours_dedup(queries: np.ndarray, keys: np.ndarray, k: int, device="cpu", progress: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` keys per query, searching each distinct key vector once.
+
+    Many tokens share one aux vector (an uncased aux tokenizer sees ``" The"`` and ``"the"``
+    alike), so ties are common; they resolve to the lowest key index, deterministically.
+
+    Returns:
+        ``(scores (Q, k) float64, idx (Q, k) int64)``, ``idx = -1`` where fewer than ``k`` keys exist.
+    """
+    from surgery.transplant.neighbours import topk_inner_product
+
+    uniq, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")  # members of each distinct vector, ascending key index
+    sizes = np.bincount(inverse, minlength=len(uniq))
+    starts = np.cumsum(sizes) - sizes
+    # rank distinct vectors by score, ties by their lowest member
+    perm = np.argsort(first, kind="stable")
+    u_scores, u_idx = topk_inner_product(queries, uniq[perm], k, device=device, progress=progress)
+    u_idx = perm[u_idx.numpy()]
+    u_scores = u_scores.numpy().astype(np.float64)
+    Q = len(queries)
+    out_i = np.full((Q, k), -1, dtype=np.int64)
+    out_s = np.full((Q, k), -np.inf)
+    filled = np.zeros(Q, dtype=np.int64)
+    rows = np.arange(Q)
+    for r in range(u_idx.shape[1]):
+        u = u_idx[:, r]
+        for j in range(k):
+            has = (sizes[u] > j) & (filled < k)
+            out_i[rows[has], filled[has]] = order[starts[u[has]] + j]
+            out_s[rows[has], filled[has]] = u_scores[has, r]
+            filled[has] += 1
+    return out_s, out_i
+
+
+def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
+    """The TokenAdapt hybrid (see module docstring), optionally with the input/output split."""
+    cfg = inp.config
+    T, V = len(inp.targets), inp.old_in.shape[0]
+    t0 = time.time()
+    pieces = decompose(inp.new_vocab, inp.old_vocab, inp.targets)
+    t_dec = time.time() - t0
+    old_ids, phi_old, phi_new, stats = _aux_embeddings(inp)
+    row_of_old = np.full(V, -1, dtype=np.int64)
+    row_of_old[old_ids] = np.arange(len(old_ids))
+
+    # local
+    t1 = time.time()
+    has_phi = row_of_old[pieces.ids] >= 0
+    if not has_phi.all():  # pieces without a surface cannot happen mid-text; drop them defensively
+        pieces = Pieces(pieces.ids[has_phi], pieces.owner[has_phi], np.bincount(pieces.owner[has_phi], minlength=T))
+    tok_len = inp.new_vocab.surface_lengths[inp.targets].astype(np.float64)
+    piece_len = inp.old_vocab.surface_lengths[pieces.ids].astype(np.float64)
+    wl = local_weights(phi_new, phi_old[row_of_old[pieces.ids]], pieces, tok_len, piece_len, cfg.temperature)
+    loc = _csr(pieces.owner, pieces.ids, wl, (T, V))
+    has_loc = pieces.counts > 0
+    t_loc = time.time() - t1
+
+    # global
+    t2 = time.time()
+    if cfg.global_weight > 0:
+        scores, nn = neighbours_dedup(phi_new, phi_old, cfg.top_k, inp.device, inp.progress)
+        wg, has_glob = global_weights(np.where(nn >= 0, scores, -np.inf), cfg.temperature, cfg.threshold)
+        k = wg.shape[1]
+        glob = _csr(np.repeat(np.arange(T), k), old_ids[np.maximum(nn, 0).ravel()], wg.ravel(), (T, V))
+    else:
+        has_glob = np.zeros(T, dtype=bool)
+        glob = sp.csr_matrix((T, V), dtype=np.float64)
+    t_glob = time.time() - t2
+
+    both = has_loc & has_glob
+    a_loc = np.where(both, 1.0 - cfg.global_weight, has_loc.astype(np.float64))
+    a_glob = np.where(both, cfg.global_weight, (has_glob & ~has_loc).astype(np.float64))
+    coef = (_row_scale(loc, a_loc) + _row_scale(glob, a_glob)).tocsr()
+    src = np.select([both, has_loc, has_glob], [SRC_HYBRID, SRC_LOCAL, SRC_GLOBAL], SRC_RANDOM).astype(np.int8)
+    coef_out = None
+    out_bias = None
+    if io_split == "pieces":
+        if inp.separate_output:
+            cin, cout = apply_io_split(coef, pieces, cfg.input_focus, cfg.output_focus)
+            coef, coef_out = cin, cout
+        beta = cfg.output_bias
+        if beta is None:
+            beta = DEFAULT_BIAS_UNTIED if inp.separate_output else DEFAULT_BIAS_TIED
+        stats["output_bias_per_piece"] = beta
+        if beta:
+            out_bias = beta * np.maximum(pieces.counts - 1, 0).astype(np.float64)
+    stats.update({"seconds_decompose": round(t_dec, 2), "seconds_local": round(t_loc, 2),
+                  "seconds_global": round(t_glob, 2), "io_split": io_split,
+                  "mean_pieces": round(float(pieces.counts.mean()) if T else 0.0, 3)})
+    return RowPlan(coef, coef_out, src, stats, out_bias)
+
+
+@register_method("tokenadapt")
+def tokenadapt(inp: MethodInputs) -> RowPlan:
+    """TokenAdapt hybrid with the configured ``io_split`` (default: the measured improvement)."""
+    return tokenadapt_plan(inp, inp.config.io_split)
+
+
+@register_method("tokenadapt-published")
+def tokenadapt_published(inp: MethodInputs) -> RowPlan:
+    """TokenAdapt hybrid exactly as published (one estimate for input and output rows)."""
+    return tokenadapt_plan(inp, "none")
+
+
+# --------------------------------------------------------------------------- omp
+def batched_omp(x: torch.Tensor, atoms: torch.Tensor, cand: torch.Tensor, k: int, ridge: float = 1e-6
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal matching pursuit for a batch of targets, each over its own candidate atoms.
+
+    Args:
+        x: ``(B, d)`` targets.
+        atoms: ``(S, d)`` dictionary.
+        cand: ``(B, M)`` candidate atom indices per target (``k ≤ M``).
+        k: atoms to select per target.
+
+    Returns:
+        ``(sel (B, k) atom indices, coef (B, k))`` with ``x ≈ Σ coef·atoms[sel]``.
+    """
+    B, d = x.shape
+    M = cand.shape[1]
+    k = min(k, M)
+    A = atoms[cand]  # (B, M, d)
+    norms = A.norm(dim=-1).clamp_min(1e-12)  # (B, M)
+    An = A / norms[..., None]
+    chosen = torch.zeros(B, M, dtype=torch.bool, device=x.device)
+    sel_pos = torch.zeros(B, k, dtype=torch.long, device=x.device)
+    G = torch.zeros(B, k, k, dtype=x.dtype, device=x.device)
+    rhs = torch.zeros(B, k, dtype=x.dtype, device=x.device)
+    r = x.clone()
+    ar = torch.arange(B, device=x.device)
+    c = torch.zeros(B, 0, dtype=x.dtype, device=x.device)
+    for j in range(k):
+        corr = torch.einsum("bmd,bd->bm", An, r).abs().masked_fill(chosen, -1.0)
+        p = corr.argmax(dim=1)
+        chosen[ar, p] = True
+        sel_pos[:, j] = p
+        a_new = A[ar, p]  # (B, d)
+        if j:
+            g = torch.einsum("bjd,bd->bj", A[ar[:, None], sel_pos[:, :j]], a_new)
+            G[:, j, :j] = g
+            G[:, :j, j] = g
+        G[:, j, j] = (a_new * a_new).sum(-1)
+        rhs[:, j] = (a_new * x).sum(-1)
+        Gj = G[:, : j + 1, : j + 1]
+        reg = ridge * Gj.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+        Gj = Gj + reg[:, None, None] * torch.eye(j + 1, dtype=x.dtype, device=x.device)
+        c = torch.linalg.solve(Gj, rhs[:, : j + 1])
+        r = x - torch.einsum("bjd,bj->bd", A[ar[:, None], sel_pos[:, : j + 1]], c)
+    return cand.gather(1, sel_pos), c
+
+
+@register_method("omp")
+def omp_init(inp: MethodInputs) -> RowPlan:
+    """Donor OMP over the shared tokens (see module docstring)."""
+    from surgery.transplant.neighbours import topk_inner_product
+
+    cfg = inp.config
+    if inp.donor_in is None:
+        raise ValueError("omp needs donor_in")
+    T, V = len(inp.targets), inp.old_in.shape[0]
+    t0 = time.time()
+    D = inp.donor_in.float()
+    ok_sh = inp.shared_new < D.shape[0]
+    atoms_new, atoms_old = inp.shared_new[ok_sh], inp.shared_old[ok_sh]
+    atoms = D[torch.as_tensor(atoms_new)]
+    has_row = inp.targets < D.shape[0]
+    tgt = np.flatnonzero(has_row)
+    X = D[torch.as_tensor(inp.targets[tgt])]
+    n_cand = min(max(4 * cfg.omp_k, 256), len(atoms_new))
+    an = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    _, cand = topk_inner_product(X, an, n_cand, device=inp.device, absolute=True, progress=inp.progress)
+    t_sel = time.time() - t0
+    rows, cols, vals = [], [], []
+    dev = torch.device(inp.device)
+    block = max(1, int(2**25 // max(1, n_cand * D.shape[1])))  # ~128 MB of gathered atoms per block
+    from tqdm.auto import tqdm
+
+    atoms_d = atoms.to(dev)
+    for s in tqdm(range(0, len(tgt), block), desc="omp", disable=not inp.progress, leave=False):
+        sel, coef = batched_omp(X[s:s + block].to(dev), atoms_d, cand[s:s + block].to(dev), cfg.omp_k)
+        rows.append(np.repeat(tgt[s:s + block], sel.shape[1]))
+        cols.append(atoms_old[sel.cpu().numpy().ravel()])
+        vals.append(coef.double().cpu().numpy().ravel())
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    coef = _csr(r, np.concatenate(cols) if cols else r, np.concatenate(vals) if vals else np.zeros(0), (T, V))
+    src = np.where(has_row, SRC_OMP, SRC_RANDOM).astype(np.int8)
+    return RowPlan(coef, None, src, {"omp_k": cfg.omp_k, "omp_candidates": n_cand, "omp_atoms": len(atoms_new),
+                                     "seconds_omp_select": round(t_sel, 2),
+                                     "seconds_omp": round(time.time() - t0, 2)})

@@ -1,0 +1,132 @@
+"""Heal: only new rows move, copied rows stay bit-exact, resume reproduces an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_llama
+from surgery.errors import SurgeryError
+from surgery.transplant import HealConfig, TransplantConfig, transplant_checkpoint
+from surgery.transplant import heal as heal_mod
+from surgery.transplant.heal import decode_ranges, encode_ranges, heal, heal_checkpoint, read_copied_rows
+from toy_tokenizers import CORPUS, byte_level_toy, sentencepiece_toy
+
+
+@pytest.fixture(scope="module")
+def transplanted(tmp_path_factory):
+    from surgery.checkpoint import save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("heal")
+    old_tok, new_tok = byte_level_toy(320), sentencepiece_toy(150)
+    base = save_checkpoint(tiny_llama(len(old_tok)), old_tok, tmp / "base")
+    new_tok.save_pretrained(tmp / "tok")
+    out = tmp / "transplanted"
+    transplant_checkpoint(str(base), str(tmp / "tok"), str(out), TransplantConfig(method="mean"), progress=False)
+    text = tmp / "train.txt"
+    text.write_text("\n".join(CORPUS))
+    return out, text
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_ranges_round_trip():
+    ids = np.array([0, 1, 2, 5, 7, 8, 100])
+    assert encode_ranges(ids) == [[0, 3], [5, 6], [7, 9], [100, 101]]
+    np.testing.assert_array_equal(decode_ranges(encode_ranges(ids)), ids)
+
+
+def test_heal_moves_only_new_rows(transplanted, tmp_path):
+    src, text = transplanted
+    out = tmp_path / "healed"
+    cfg = HealConfig(steps=3, lr=1e-2, seq_len=16, batch_size=2, warmup=1, device="cpu")
+    s = heal_checkpoint(str(src), [str(text)], str(out), cfg, eval_path=str(text), progress=False)
+    before, _ = _load(src)
+    after, _ = _load(out)
+    copied = read_copied_rows(src)
+    w0, w1 = before.get_input_embeddings().weight, after.get_input_embeddings().weight
+    assert torch.equal(w0[torch.as_tensor(copied)], w1[torch.as_tensor(copied)])
+    new = np.setdiff1d(np.arange(w0.shape[0]), copied)
+    assert not torch.equal(w0[torch.as_tensor(new)], w1[torch.as_tensor(new)])
+    body0 = dict(before.named_parameters())
+    for n, p in after.named_parameters():
+        if "embed" not in n and "lm_head" not in n:
+            assert torch.equal(p, body0[n]), n
+    lines = (out / "heal_metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[-1])["step"] == 3
+    summary = json.loads((out / "heal_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["bits_per_byte_after"] is not None
+    assert s["steps"] == 3
+    assert (out / "transplant_rows.json").exists()
+    assert not heal_mod.state_dir_for(out).exists()
+
+
+def test_resume_reproduces_uninterrupted_run(transplanted, tmp_path, monkeypatch):
+    src, text = transplanted
+    texts = [text.read_text()]
+    copied = read_copied_rows(src)
+    cfg = HealConfig(steps=4, lr=1e-2, seq_len=16, batch_size=2, warmup=1, checkpoint_every=2, device="cpu")
+    m, tok = _load(src)
+    straight, _, _ = heal(m, tok, texts, cfg, tmp_path / "s1", copied, progress=False)
+
+    calls = {"n": 0}
+    real = heal_mod.sample_batch
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(heal_mod, "sample_batch", dying)
+    m, tok = _load(src)
+    with pytest.raises(KeyboardInterrupt):
+        heal(m, tok, texts, cfg, tmp_path / "s2", copied, progress=False)
+    monkeypatch.setattr(heal_mod, "sample_batch", real)
+    m, tok = _load(src)
+    resumed, summary, metrics = heal(m, tok, texts, cfg, tmp_path / "s2", copied, resume=True, progress=False)
+    assert summary["steps"] == 4 and [r["step"] for r in metrics] == [1, 2, 3, 4]
+    torch.testing.assert_close(resumed.get_input_embeddings().weight, straight.get_input_embeddings().weight,
+                               rtol=0, atol=1e-6)
+
+
+def test_heal_with_lora_merges_adapters(transplanted, tmp_path):
+    src, text = transplanted
+    m, tok = _load(src)
+    body0 = {n: p.clone() for n, p in m.named_parameters() if "q_proj" in n}
+    cfg = HealConfig(steps=2, lr=1e-2, lora=True, lora_lr=1e-2, seq_len=16, batch_size=2, warmup=0, device="cpu")
+    healed, summary, _ = heal(m, tok, [text.read_text()], cfg, None, read_copied_rows(src), progress=False)
+    names = dict(healed.named_parameters())
+    assert not any("lora_" in n for n in names)
+    assert any(not torch.equal(names[n], p) for n, p in body0.items())
+
+
+def test_heal_needs_row_list_and_enough_text(transplanted, tmp_path):
+    src, text = transplanted
+    m, tok = _load(src)
+    with pytest.raises(SurgeryError, match="copied rows"):
+        heal(m, tok, [text.read_text()], HealConfig(steps=1), None, None, progress=False)
+    with pytest.raises(SurgeryError, match="fewer than seq_len"):
+        heal(m, tok, ["tiny"], HealConfig(steps=1, seq_len=64), None, np.arange(3), progress=False)
+    with pytest.raises(SurgeryError, match="nothing to resume"):
+        heal(m, tok, [text.read_text()], HealConfig(steps=1, seq_len=16), tmp_path / "none", np.arange(3),
+             resume=True, progress=False)
+
+
+def test_cli_heal(transplanted, tmp_path, capsys):
+    from surgery.cli import main
+
+    src, text = transplanted
+    out = tmp_path / "cli-healed"
+    rc = main(["heal", str(src), "--text", str(text), "--steps", "2", "--out", str(out), "--seq-len", "16",
+               "--batch-size", "2", "--device", "cpu"])
+    assert rc == 0 and (out / "heal_summary.json").exists()
+    assert "Healed" in capsys.readouterr().out
+    assert main(["heal", str(src), "--text", str(text), "--steps", "2", "--out", str(out)]) == 2
