@@ -118,7 +118,7 @@ class ByteLM:
     """
 
     def __init__(self, model, tokenizer, mode: str = "canonical", *, max_length: int = 1024,
-                 stride: int | None = None, batch_size: int = 32, max_nodes: int = 200_000,
+                 stride: int | None = None, batch_size: int = 64, max_nodes: int = 200_000,
                  canon: Canonicalizer | None = None, speculate: int = 4):
         from surgery.evaluate import document_start_id
 

@@ -202,7 +202,7 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
     max_length = blm.max_length
     stride = blm.stride or max(1, max_length // 2)
     stride = min(stride, max_length - 1) if max_length > 1 else 1
-    wins = _windows(K, max_length, stride, counts, cap=max(4 * max_length, 2048))
+    wins = _windows(K, max_length, stride, counts, cap=max(16 * max_length, 8192))
     stats: dict[int, NodeMasses] = {}
     child_lp: dict[int, dict[int, float]] = {}
     rows_at: dict[tuple[int, int], np.ndarray] = {}  # (item, j) -> (257,) next-byte masses

@@ -27,6 +27,8 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--train-rows", default="new", choices=["new", "all"],
                    help="new: only rows the transplant initialized (default); all: every row")
+    p.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 mixed precision (auto: where the hardware has it)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable states (default 50)")
     p.add_argument("--eval-text", default=None, help="text scored in bits/byte before and after")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -41,7 +43,8 @@ def run(args) -> int:
 
     cfg = HealConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, lora=args.lora, lora_rank=args.lora_rank,
                      seq_len=args.seq_len, batch_size=args.batch_size, train_rows=args.train_rows,
-                     checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed)
+                     checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
+                     autocast=args.autocast)
     s = heal_checkpoint(args.model, args.text, args.out, cfg, overwrite=args.overwrite, resume=args.resume,
                         eval_path=args.eval_text)
     bpb = ""

@@ -129,7 +129,7 @@ class HealConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
     train_rows: str = field(default="new", metadata={"help": "'new': only rows that were not copied; 'all': every row"})
     autocast: str = field(default="auto", metadata={
-        "help": "mixed precision: auto (bf16 on CUDA and on CPUs with native bf16), bf16, off"})
+        "help": "mixed precision: auto (bf16 on CUDA; float32 on CPU, measured faster there), bf16, off"})
     checkpoint_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every N steps"})
     seed: int = field(default=0, metadata={"help": "data order and init seed"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if present)"})

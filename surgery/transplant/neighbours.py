@@ -24,6 +24,7 @@ def topk_inner_product(
     absolute: bool = False,
     max_block_bytes: int = 256 * 1024**2,
     progress: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` keys with the largest inner product for every query (exact search).
 
@@ -34,6 +35,8 @@ def topk_inner_product(
         device: where the products run (default CPU); results come back on CPU.
         absolute: rank by ``|q·k|`` instead of ``q·k`` (scores keep their sign).
         max_block_bytes: budget of one block of float32 scores.
+        dtype: precision of the products; float32 (default) is exact search, bfloat16 is a
+            fast shortlist (e.g. OMP candidate pre-selection) whose ranks may differ on near ties.
 
     Returns:
         ``(scores, indices)``, both ``(Q, k)``, best first (equal scores: lower index first);
@@ -50,11 +53,11 @@ def topk_inner_product(
     idx = torch.empty(n_q, k, dtype=torch.int64)
     if n_q == 0 or k == 0:
         return scores, idx
-    kd = kk.to(dev)
+    kd = kk.to(dev, dtype)
     block = max(1, min(n_q, max_block_bytes // (4 * n_k)))
     with torch.inference_mode():
         for s in tqdm(range(0, n_q, block), desc="neighbour search", disable=not progress, leave=False):
-            sims = q[s:s + block].to(dev) @ kd.T  # (block, K)
+            sims = (q[s:s + block].to(dev, dtype) @ kd.T).float()  # (block, K)
             rank = sims.abs() if absolute else sims
             # a few extra candidates so that ties resolve to the lowest key index (deterministic)
             m = min(n_k, k + 8)

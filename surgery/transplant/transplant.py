@@ -106,7 +106,7 @@ def _bias_direction(model, old_tok, cfg) -> tuple[torch.Tensor, dict]:
 
 @torch.no_grad()
 def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, donor=None,
-               progress: bool = False) -> tuple[object, TransplantReport]:
+               progress: bool = False, old_vocab=None, new_vocab=None) -> tuple[object, TransplantReport]:
     """Replace ``model``'s vocabulary by ``new_tok``'s, in place.
 
     Args:
@@ -115,6 +115,8 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
         new_tok: the new tokenizer (not modified; the report carries the one to save).
         config: :class:`TransplantConfig`.
         donor: for ``omp``: a model (or its ``(V_new, d')`` input rows) that speaks ``new_tok``.
+        old_vocab, new_vocab: canonical vocabularies already built for these tokenizers (saves
+            time for large vocabularies; ignored when the new tokenizer has to be changed).
 
     Returns:
         ``(model, report)``.
@@ -136,12 +138,13 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
     if (cfg.fill_special_roles and (new_tok.bos_token is None or new_tok.eos_token is None)) or \
             cfg.add_chat_markers or (not getattr(new_tok, "chat_template", None) and getattr(old_tok, "chat_template", None)):
         new_tok = copy.deepcopy(new_tok)
+        new_vocab = None
     filled = fill_missing_roles(new_tok) if cfg.fill_special_roles else {}
     added_markers = add_chat_markers(old_tok, new_tok) if cfg.add_chat_markers else []
     t0 = time.time()
     try:
-        old_vocab = canonical_vocabulary(old_tok)
-        new_vocab = canonical_vocabulary(new_tok)
+        old_vocab = old_vocab or canonical_vocabulary(old_tok)
+        new_vocab = new_vocab or canonical_vocabulary(new_tok)
     except ValueError as e:
         raise SurgeryError(f"unsupported tokenizer: {e}", "use a byte-level BPE, SentencePiece or WordPiece tokenizer") from e
     timings["vocabularies"] = round(time.time() - t0, 2)
@@ -178,13 +181,15 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
             raise SurgeryError(f"donor has {donor_in.shape[0]} embedding rows but the new tokenizer {len(new_tok)} ids",
                                "the donor must be a model trained with the new tokenizer")
 
-    def aux_factory(_cache={}):
-        if "aux" not in _cache:
+    aux_holder: list = []
+
+    def aux_factory():  # the aux model loads only if a method asks for it
+        if not aux_holder:
             from surgery.transplant.aux_embeddings import AuxEmbedder
 
-            _cache["aux"] = AuxEmbedder(cfg.aux_model, device=device, batch_size=cfg.aux_batch_size,
-                                        max_seq_length=cfg.aux_max_seq_length, dtype=cfg.aux_dtype)
-        return _cache["aux"]
+            aux_holder.append(AuxEmbedder(cfg.aux_model, device=device, batch_size=cfg.aux_batch_size,
+                                          max_seq_length=cfg.aux_max_seq_length, dtype=cfg.aux_dtype))
+        return aux_holder[0]
 
     base_rows = np.flatnonzero(np.fromiter((s is not None for s in old_vocab.surfaces), bool, len(old_vocab)))
     base_rows = base_rows[base_rows < V_rows]

@@ -216,3 +216,51 @@ def test_cli_transplant_and_errors(folders, capsys):
     assert main(["transplant", str(base), str(tokdir), str(out), "--method", "mean"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "already exists" in err[0]
+
+
+def test_omp_transfers_donor_combinations(toks):
+    """A donor row that is an exact combination of shared tokens' donor rows maps to the same
+    combination of the base model's rows."""
+    old_tok, new_tok = toks
+    ov, nv = canonical_vocabulary(old_tok), canonical_vocabulary(new_tok)
+    n_sh, o_sh = exact_pairs(nv, ov)
+    torch.manual_seed(1)
+    donor = torch.randn(len(new_tok), 24, dtype=torch.float64).float()
+    model = tiny_llama(len(old_tok))
+    before = model.get_input_embeddings().weight.detach().clone()
+    shared = set(n_sh.tolist())
+    target = next(i for i, s in enumerate(nv.surfaces) if s is not None and i not in shared)
+    donor[target] = 0.5 * donor[n_sh[3]] - 0.25 * donor[n_sh[10]]
+    model, rep = transplant(model, old_tok, new_tok, TransplantConfig(method="omp", donor="x", omp_k=4),
+                            donor=donor)
+    got = model.get_input_embeddings().weight[target]
+    want = 0.5 * before[o_sh[3]] - 0.25 * before[o_sh[10]]
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    assert rep.data["counts"]["omp"] == rep.data["counts"]["initialized"]
+    with pytest.raises(SurgeryError, match="donor"):
+        transplant(tiny_llama(len(old_tok)), old_tok, new_tok, TransplantConfig(method="omp", donor="x"),
+                   donor=torch.randn(10, 24))
+
+
+def test_chat_template_kept_carried_dropped_or_markers_added(toks):
+    import copy
+
+    old_tok, new_tok = copy.deepcopy(toks[0]), copy.deepcopy(toks[1])
+    old_tok.chat_template = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
+    # the new tokenizer lacks <|endoftext|>: the old template is dropped, and the caller's tokenizer untouched
+    _, rep, _, _ = _run(old_tok, new_tok, method="mean")
+    assert rep.data["chat_template"] == {"decision": "dropped", "missing_markers": ["<|endoftext|>"]}
+    assert not rep.tokenizer.chat_template
+    # markers added on request: the template is carried over and the marker row copied from the old one
+    model, rep, before, _ = _run(old_tok, new_tok, method="mean", add_chat_markers=True)
+    assert rep.data["added_chat_markers"] == ["<|endoftext|>"]
+    assert rep.data["chat_template"]["decision"] == "carried"
+    tid = rep.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tid == len(new_tok) and len(rep.tokenizer) == len(new_tok) + 1
+    assert torch.equal(model.get_input_embeddings().weight[tid], before[old_tok.convert_tokens_to_ids("<|endoftext|>")])
+    assert "<|endoftext|>" not in new_tok.get_vocab()  # the caller's tokenizer is not modified
+    # a new tokenizer with its own template keeps it
+    new2 = copy.deepcopy(new_tok)
+    new2.chat_template = "{{ messages[0]['content'] }}"
+    _, rep, _, _ = _run(old_tok, new2, method="mean")
+    assert rep.data["chat_template"]["decision"] == "new" and rep.tokenizer.chat_template == new2.chat_template

@@ -1,0 +1,208 @@
+"""Benchmark: cross-tokenizer distillation losses — cost at real vocabulary sizes, and quality at a fixed budget.
+
+(a) ``--part cost``: time and peak memory of every loss's own forward + backward at
+    V_t = 262,144 (Gemma-3), V_s = 49,152 (SmolLM2), 4,096 positions per step (four
+    micro-batches of 1,024), with random logits and the real Gemma-3/SmolLM2
+    projection; ``kl`` runs on a single vocabulary of the teacher's size (V = 262,144 for
+    both sides), the reference. Also: ULD with an exact full sort, and ``pkl`` at several
+    ``top_k`` (memory grows with top-k). Each measurement runs in its own subprocess
+    (peak RSS is its own). One torch thread.
+(b) ``--part budget``: Gemma-3-270M → SmolLM2-135M on the shipped German text, the same
+    steps, data order and seed for ``ce``, ``uld``, ``gold``, ``pkl``, ``hkl``; held-out student
+    bits/byte at the end (and once at the start). One torch thread.
+
+Run: ``.venv/bin/python benchmarks/distill.py [--part cost|budget|all] [--steps N]``. One JSON line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# this file is named like the `distill` package: keep its folder off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+VS, VT = 49152, 262144
+
+COST_CHILD = r"""
+import json, resource, sys, time, warnings
+import numpy as np, torch
+warnings.simplefilter("ignore")
+torch.set_num_threads(1)
+from distill.losses import ChunkedBatch, LossContext, LossParams, Projection, make_loss, emitted_ids
+from distill.teacher_dist import TeacherDist
+name, top_k, uld_topk, n_pos, micro, align_path, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], int(sys.argv[7])
+VS, VT = 49152, 262144
+vs = VT if name == "kl" else VS
+ctx = LossContext(vs, VT)
+if name in ("pkl", "hkl", "gold", "tkl"):
+    import scipy.sparse as sp
+    d = np.load(align_path)
+    W = sp.csr_matrix((d["data"], d["indices"], d["indptr"]), shape=tuple(d["shape"]))
+    if name == "tkl":
+        Wts = sp.csr_matrix((d["r_data"], d["r_indices"], d["r_indptr"]), shape=tuple(d["r_shape"]))
+        ctx = LossContext(VS, VT, projection=Projection.rows_of(Wts))
+    elif name == "pkl":
+        ctx = LossContext(VS, VT, projection=Projection(W))
+    else:
+        ctx = LossContext.with_pairs(VS, VT, d["pairs_s"] if name == "hkl" else d["exact_s"],
+                                     d["pairs_t"] if name == "hkl" else d["exact_t"], "cpu")
+loss = make_loss(name, LossParams(top_k=top_k, uld_topk=uld_topk), ctx)
+g = torch.Generator().manual_seed(0)
+def batch():
+    # one chunk per 1.25 positions on average: most chunks 1:1, some 2:1 / 1:2
+    rng = np.random.default_rng(0)
+    sizes_s = rng.choice([1, 1, 1, 2], size=micro); sizes_t = rng.choice([1, 1, 1, 2], size=micro)
+    C = micro
+    cs = np.repeat(np.arange(C), sizes_s)[:micro]; ct = np.repeat(np.arange(C), sizes_t)[:micro]
+    C = int(min(cs.max(), ct.max())) + 1
+    cs = np.where(cs < C, cs, C - 1); ct = np.where(ct < C, ct, C - 1)
+    zs = (torch.randn(micro, vs, generator=g) * 3).requires_grad_()
+    zt = torch.randn(micro, VT, generator=g) * 3
+    return ChunkedBatch(zs, torch.from_numpy(cs), TeacherDist(VT, logits=zt), torch.from_numpy(ct), C)
+b = batch()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # process + inputs of one micro-batch
+out = loss(b); out.backward()  # warm-up
+times = []
+for _ in range(reps):
+    steps = 0.0
+    for m in range(n_pos // micro):
+        b = batch()
+        t0 = time.perf_counter()
+        out = loss(b); out.backward()
+        steps += time.perf_counter() - t0
+    times.append(steps)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": min(times), "peak_rss_gib": round(peak / 1024**2, 3), "inputs_rss_gib": round(base / 1024**2, 3),
+                  "loss_extra_rss_gib": round((peak - base) / 1024**2, 3),
+                  "value": float(out)}))
+"""
+
+
+def save_alignment_arrays(path: Path) -> None:
+    """Real Gemma-3/SmolLM2 projection (student rows) plus H-KL and exact pairs, as one .npz."""
+    import dataclasses
+
+    import numpy as np
+
+    from distill.losses import emitted_ids, fold_columns
+    from surgery.loading import load_tokenizer
+    from surgery.vocab.projection import build_projection, exact_pairs, hkl_pairs
+    from surgery.vocab.surfaces import canonical_vocabulary
+
+    sv = canonical_vocabulary(load_tokenizer("smollm2-135m"))
+    tv = canonical_vocabulary(load_tokenizer("gemma3-270m"))
+    P = build_projection(sv, tv)
+    em = emitted_ids(tv)
+    P = dataclasses.replace(P, matrix=fold_columns(P.matrix, em))
+    ps, pt = hkl_pairs(P)
+    es, et = exact_pairs(sv, tv)
+    W = P.matrix.tocsr()
+    R = build_projection(tv, sv).matrix.tocsr()  # teacher rows, for tkl
+    np.savez(path, data=W.data, indices=W.indices, indptr=W.indptr, shape=np.array(W.shape), pairs_s=ps, pairs_t=pt,
+             exact_s=es, exact_t=em[et], r_data=R.data, r_indices=R.indices, r_indptr=R.indptr, r_shape=np.array(R.shape))
+    print(json.dumps({"benchmark": "distill_projection", "V_s": W.shape[0], "V_t": W.shape[1], "nnz": int(W.nnz),
+                      "hkl_pairs": int(len(ps)), "exact_pairs": int(len(es))}), flush=True)
+
+
+def run_cost(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        align = Path(tmp) / "align.npz"
+        save_alignment_arrays(align)
+        cases = [("kl", 8192, 0), ("pkl", 8192, 0), ("tkl", 8192, 0), ("hkl", 0, 8192), ("gold", 0, 8192),
+                 ("uld", 0, 8192), ("pkl", 1024, 0), ("pkl", 32768, 0)]
+        if not args.skip_exact_uld:
+            cases.append(("uld", 0, 0))  # exact: full sort of 262k (teacher) and 49k (student) per position
+        ref = None
+        for name, k, uk in cases:
+            exact = name == "uld" and uk == 0
+            n_pos = args.micro if exact else args.positions  # the exact sort is slow: one micro-batch, scaled
+            reps = 1 if exact else args.reps
+            env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+            r = subprocess.run([sys.executable, "-c", COST_CHILD, name, str(k), str(uk), str(n_pos), str(args.micro),
+                                str(align), str(reps)], capture_output=True, text=True, env=env, cwd=ROOT)
+            if r.returncode:
+                print(json.dumps({"benchmark": "distill_loss_cost", "loss": name, "error": r.stderr[-500:]}), flush=True)
+                continue
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            secs = d["seconds"] * (args.positions / n_pos)
+            row = {"benchmark": "distill_loss_cost", "loss": name + ("-exact-sort" if exact else ""),
+                   "V_s": VT if name == "kl" else VS, "V_t": VT, "positions": args.positions, "micro_batch": args.micro,
+                   "top_k": k if name in ("pkl", "tkl") else None, "uld_topk": uk if name in ("uld", "hkl", "gold") else None,
+                   "seconds_per_step": round(secs, 3), "peak_rss_gib": d["peak_rss_gib"],
+                   "loss_extra_rss_gib": d["loss_extra_rss_gib"],
+                   "extrapolated_from_positions": n_pos if n_pos != args.positions else None, "threads": 1}
+            if name == "kl":
+                ref = secs
+            if ref:
+                row["relative_to_kl"] = round(secs / ref, 3)
+            print(json.dumps(row), flush=True)
+
+
+def run_budget(args) -> None:
+    from surgery.config import load_config
+
+    from distill.config import DistillConfig
+    from distill.trainer import train
+
+    out_root = ROOT / "artifacts" / "runs" / "bench-distill"
+    t_all = time.time()
+    start = None
+    for i, name in enumerate(args.losses):
+        overrides = [f"output_dir={out_root / name}", f"loss.name={name}", f"train.steps={args.steps}",
+                     f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro_batch}",
+                     f"data.block_chars={args.block_chars}", f"data.max_tokens={args.max_tokens}", f"train.lr={args.lr}",
+                     f"train.warmup_steps={args.warmup}", "train.eval_every=0", f"train.eval_max_bytes={args.eval_bytes}",
+                     "train.checkpoint_every=0", "train.threads=1", "train.seed=0", "train.progress=false",
+                     f"train.eval_at_start={'true' if i == 0 else 'false'}", *args.set]
+        cfg = load_config(DistillConfig, ROOT / "recipes" / "distill_gemma3_to_smollm2.yaml", overrides)
+        t0 = time.time()
+        r = train(cfg, overwrite=True)
+        if r.heldout_bpb_start is not None:
+            start = r.heldout_bpb_start
+        rows = [json.loads(l) for l in (r.output_dir / "metrics.jsonl").read_text().splitlines()]
+        tr = [x for x in rows if x.get("event") == "train"]
+        print(json.dumps({"benchmark": "distill_fixed_budget", "teacher": "gemma3-270m", "student": "smollm2-135m",
+                          "text": "debian-reference.de", "loss": name, "steps": args.steps,
+                          "blocks_per_step": args.batch, "max_tokens": args.max_tokens, "lr": args.lr,
+                          "heldout_bytes": args.eval_bytes, "overrides": args.set, "heldout_bpb_start": start,
+                          "heldout_bpb_end": r.heldout_bpb_end, "final_train_ce": tr[-1]["ce"] if tr else None,
+                          "seconds": round(time.time() - t0, 1), "threads": 1}), flush=True)
+    print(json.dumps({"benchmark": "distill_fixed_budget_total", "seconds": round(time.time() - t_all, 1)}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["cost", "budget", "all"], default="all")
+    p.add_argument("--positions", type=int, default=4096)
+    p.add_argument("--micro", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--skip-exact-uld", action="store_true")
+    p.add_argument("--losses", nargs="+", default=["ce", "uld", "gold", "pkl", "hkl", "tkl"])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--block-chars", type=int, default=400)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--eval-bytes", type=int, default=8000)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra recipe overrides for every run of --part budget (e.g. loss.ce_weight=1.0)")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.part in ("cost", "all"):
+        run_cost(args)
+    if args.part in ("budget", "all"):
+        run_budget(args)
+
+
+if __name__ == "__main__":
+    main()
