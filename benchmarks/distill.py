@@ -7,9 +7,10 @@
     both sides), the reference. Also: ULD with an exact full sort, and ``pkl`` at several
     ``top_k`` (memory grows with top-k). Each measurement runs in its own subprocess
     (peak RSS is its own). One torch thread.
-(b) ``--part budget``: Gemma-3-270M → SmolLM2-135M on the shipped German text, the same
-    steps, data order and seed for ``ce``, ``uld``, ``gold``, ``pkl``, ``hkl``; held-out student
-    bits/byte at the end (and once at the start). One torch thread.
+(b) ``--part budget``: Gemma-3-270M → SmolLM2-135M on the shipped German text with the CPU
+    recipe (recipes/distill_gemma3_to_smollm2.yaml), the same steps, data order and seed for
+    ``ce``, ``uld``, ``gold``, ``pkl``, ``hkl``, ``tkl``; held-out student bits/byte at the end (and
+    once at the start). One torch thread.
 
 Run: ``.venv/bin/python benchmarks/distill.py [--part cost|budget|all] [--steps N]``. One JSON line per figure.
 """

@@ -4,7 +4,11 @@ Every cross-vocabulary loss works on *chunks* (:mod:`distill.chunks`): the
 student's positions and the teacher's positions that predict the same bytes.
 Within a chunk, each side's distributions are averaged over its positions; the
 loss compares the two averages and is averaged over chunks, then scaled by
-``T²`` (temperature T applied to both sides' logits).
+``T²`` (temperature T applied to both sides' logits). The trainer passes either
+every position of a chunk (``loss.chunk_positions=mean``, the X-Token reference) or
+only its first position on each side (``first``, the default: both see exactly the
+bytes before the chunk and predict what starts there), in which case every chunk
+is one student row against one teacher row.
 
 - ``pkl`` — projected KL. The student distribution is mapped into teacher space,
   ``q = Wᵀ softmax(z_s / T)`` with the core's projection ``W (V_s, V_t)``, only on a

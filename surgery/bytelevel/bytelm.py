@@ -17,24 +17,27 @@ Definitions (the model ``p`` is conditioned on the document-start token of
   Exponential in the text length (a tree of every segmentation): for short texts.
 - ``canonical`` mode (default): only encodings the tokenizer can produce, the
   valid covering tree of ByteSampler. For a prefix ``x`` let ``B`` be the start of
-  its last pre-token piece (pre-tokenizer and added-token matching of the
-  tokenizer). Admitted cover encodings are: the tokenizer's encoding of
-  ``x[:B]``, then tokens inside the last piece whose first token can start a
-  piece and whose adjacent pairs are valid (encoding the pair's bytes gives the
-  pair: :mod:`surgery.bytelevel.validity`), then one last token, unconstrained,
-  whose surface starts with the rest of ``x``. Where a continuation could still
-  open a new piece inside the last one (a run of spaces gives up its last space
-  to the next word: :meth:`~surgery.bytelevel.validity.Canonicalizer.split_points`),
-  both readings are admitted, each only for the next bytes that agree with it.
-  With ``Q(x·b)`` the sum of ``p`` over admitted cover encodings of ``x·b`` (for
-  ``b = 256``: over admitted encodings of exactly ``x`` times the mass of tokens
-  without bytes), the next-byte distribution is ``Q(x·b) / Σ_b' Q(x·b')``:
-  renormalized at every byte, so it sums to 1 and ``logprob`` is the sum of its
-  log-probabilities.
+  its last pre-token piece (the tokenizer's own pre-tokenizer and added-token
+  matching applied to ``x``). A cover encoding of ``x·b`` is admitted when it is:
+  the tokens of the pieces of ``x`` before ``B`` (deterministic: the tokenizer's
+  encoding of each piece); then tokens spelling ``x[B:m]`` whose first token can
+  start a piece (encoding its bytes gives itself) and whose adjacent pairs are
+  valid (encoding the pair's bytes gives the pair: :mod:`surgery.bytelevel.validity`);
+  then one last token, unconstrained, whose bytes start with ``x[m:]·b``. At a
+  *split point* (an offset inside the last piece where one more character can
+  open a new piece: a run of spaces gives up its last space to a following word,
+  :meth:`~surgery.bytelevel.validity.Canonicalizer.split_points`) a token that can
+  start a piece may also follow, and each reading counts only for the bytes ``b``
+  that agree with it. End of text (``b = 256``) takes the admitted encodings of
+  exactly ``x`` times the probability of the tokens without bytes. With ``Q(x·b)``
+  the sum of ``p`` over the admitted encodings, ``P(b | x) = Q(x·b) / Σ_b' Q(x·b')``:
+  renormalized at every byte, so the 257 probabilities sum to 1, and ``logprob``
+  is the sum of the log-probabilities of the bytes.
 
 :meth:`ByteLM.next_byte_logprobs` and :meth:`ByteLM.generate` keep the live
-branches of the covering tree in one KV cache (:class:`~surgery.bytelevel.treeattn.PathCache`),
-about one forward pass per byte. :meth:`ByteLM.logprob` scores a whole text on
+branches of the covering tree in one KV cache (:class:`~surgery.bytelevel.treeattn.PathCache`);
+a forward pass, when one is needed, also evaluates the nodes along the likeliest
+next tokens, so generation needs well under one pass per byte. :meth:`ByteLM.logprob` scores a whole text on
 its canonical tokenization with the branches attached by tree attention
 (:mod:`surgery.bytelevel.scoring`), with the windowing of :mod:`surgery.evaluate`.
 """
@@ -188,8 +191,8 @@ class ByteLM:
             start, head = self.canon.last_piece(z, 0) if canonical else (0, [])
             st = self._state = self._new_state(z, start, head)
         splits = self.canon.split_points(z, st.start) if canonical else frozenset()
-        if not splits <= st.tree.splits:  # a new place where a piece may open: rebuild the tail
-            st = self._state = self._new_state(z, st.start, st.root_path, st.tree.splits | splits)
+        if splits != st.tree.splits:  # where a piece may open has changed: rebuild the tail
+            st = self._state = self._new_state(z, st.start, st.root_path, splits)
         return st, splits
 
     def _evaluate(self, st: _State, live: list[int]) -> None:

@@ -130,15 +130,19 @@ class CoverTree:
         canon: a :class:`~surgery.bytelevel.validity.Canonicalizer`, or ``None`` for exact mode.
         start: byte offset of the root.
         splits: split points (absolute offsets) to honour.
+        split_sets: the split-point sets of the prefixes the tree serves (default: ``[splits]``);
+            a node relying on split points that no single prefix offers is never created
+            (a long run of spaces would otherwise admit exponentially many readings).
         max_nodes: raise beyond this many nodes (exact mode grows exponentially).
     """
 
     def __init__(self, index: TokenIndex, canon=None, start: int = 0, max_nodes: int = 200_000,
-                 splits=frozenset()):
+                 splits=frozenset(), split_sets=None):
         self.index = index
         self.canon = canon
         self.start = start
         self.splits = frozenset(splits)
+        self.split_sets = [frozenset(x) for x in split_sets] if split_sets is not None else [self.splits]
         self.max_nodes = max_nodes
         self.parent: list[int] = [-1]
         self.token: list[int] = [-1]
@@ -188,9 +192,12 @@ class CoverTree:
                     pair_ok = next(ok_pairs)
                     first_ok = m in self.splits and self.canon.first_valid(t)
                 if pair_ok or first_ok:
-                    kept.append((e, t))
                     split = e != 0 and not pair_ok
-                    used.append(self.splits_used[e] + ((m,) if split else ()))
+                    u = self.splits_used[e] + ((m,) if split else ())
+                    if split and not any(all(p in S for p in u) for S in self.split_sets):
+                        continue
+                    kept.append((e, t))
+                    used.append(u)
                     oks.append(self.split_ok[e] + ((m,) if first_ok and e != 0 else ()))
             cand = kept
         for (e, t), u, ok in zip(cand, used, oks):

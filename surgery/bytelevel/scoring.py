@@ -7,10 +7,11 @@ encoding of the pieces before ``B_k`` (the start of the last pre-token piece of
 before the last piece never move, that encoding is a prefix of the
 canonical tokenization of the whole text (the *trunk*), and the tree of every
 prefix hangs off the trunk as short *branches*. Windows over the trunk (as in
-:func:`surgery.evaluate.token_nll`) are evaluated with the branches attached to
-them by tree attention in the same forward pass: one pass per window, whatever
-the number of bytes. In ``exact`` mode there is one tree for the whole text
-(every segmentation), hung off the same trunk.
+:func:`surgery.evaluate.token_nll`) run as plain sequences; the branches owned by
+a window then run in chunks against its KV cache with tree attention
+(:func:`~surgery.bytelevel.treeattn.forward_window`), so no byte costs a pass of
+its own. In ``exact`` mode there is one tree for the whole text (every
+segmentation), hung off the same trunk.
 
 For prefix ``z[:k]`` with nodes ``e`` ending at ``m_e ≤ k`` (probabilities relative
 to the tree's root), the next-byte numerator and normalizer are
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from surgery.bytelevel.bytelm import consistency_mask
 from surgery.bytelevel.cover import CoverTree
@@ -136,6 +138,7 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
 
     Args:
         full: also return the full next-byte distribution after every prefix.
+        progress: show a progress bar over the windows.
     """
     t0 = time.time()
     canonical = blm.mode == "canonical"
@@ -168,8 +171,9 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
         root = trunk_at.get(start)
         if root is None:  # the pieces before `start` are tokenized differently in the whole text
             root = items.path_item(blm.canon.last_piece(z[:k_first], 0)[1])
-        union = frozenset().union(*splits[k_first:k_last + 1])
-        tree = CoverTree(index, blm.canon if canonical else None, start, blm.max_nodes, splits=union)
+        sets = set(splits[k_first:k_last + 1])
+        tree = CoverTree(index, blm.canon if canonical else None, start, blm.max_nodes,
+                         splits=frozenset().union(*sets), split_sets=sets)
         tree.extend(z[:k_last])
         node_item = [root] + [0] * (len(tree) - 1)
         for i in range(1, len(tree)):
@@ -206,7 +210,7 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
     stats: dict[int, NodeMasses] = {}
     child_lp: dict[int, dict[int, float]] = {}
     rows_at: dict[tuple[int, int], np.ndarray] = {}  # (item, j) -> (257,) next-byte masses
-    for begin, own0, own1 in wins:
+    for begin, own0, own1 in tqdm(wins, desc="byte-level scoring", disable=not progress, leave=False):
         local = {i: i - begin for i in range(begin, own1)}
         branches: list[tuple[int, int]] = []
         T = own1 - begin

@@ -8,8 +8,9 @@ row norms ≈ 3.2). Adding ``b·δ`` to a head row therefore shifts that token's
 
 The transplant uses it for merged tokens: the probability of a token made of pieces
 ``p1 … pn`` is ``P(p1)·P(p2…pn | p1)``, so its logit should sit below its first piece's,
-by more the more pieces it has. ``δ`` is fitted by ridge regression on hidden states of
-calibration text (the shipped train texts when present, else text the model writes itself).
+by more the more pieces (that start a character) it has. ``δ`` is fitted by ridge regression
+on hidden states of calibration text (the shipped train texts when present, else text the
+model writes itself).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class TransplantConfig:
     input_focus: float = field(default=0.5, metadata={"help": "io_split=pieces: weight of the last piece in input rows"})
     output_focus: float = field(default=0.5, metadata={"help": "io_split=pieces: weight of the first piece in output rows"})
     output_bias: float | None = field(default=None, metadata={
-        "help": "io_split=pieces: logit offset per extra piece of a merged token (0 = off; default: -1.0 on a "
+        "help": "io_split=pieces: logit offset per extra character-starting piece of a merged token (0 = off; default: -1.0 on a "
                 "tied head, -1.5 on an untied one, the measured best); see calibration"})
     calibration_texts: tuple = field(default=(), metadata={
         "help": "text files for fitting the logit-bias direction (default: the shipped train texts)"})

@@ -21,8 +21,10 @@ Methods:
 
   * the probability of a merged token ``p1…pn`` is ``P(p1)·P(p2…pn | p1)``: its logit should
     sit *below* its pieces' logits, by more the more pieces it has. Head rows get a logit
-    offset ``β·(n−1)`` through the bias direction of :mod:`surgery.transplant.calibration`
-    (``output_bias``; default β = −1.0 on a tied head, −1.5 on an untied one);
+    offset ``β·(u−1)`` through the bias direction of :mod:`surgery.transplant.calibration`,
+    ``u`` = pieces that start a character (:func:`extra_units`: byte fragments of one CJK
+    character count once; counting raw pieces helped en/de but hurt zh/ja) (``output_bias``;
+    default β = −1.0 on a tied head, −1.5 on an untied one);
   * with an untied head (``--untie`` or an untied base) input and output rows are initialized
     separately: after a merged token the model must continue as it would after the token's
     *last* piece, while the merged token's probability starts with its *first* piece's. Input
@@ -30,15 +32,13 @@ Methods:
     ``(1−ρ_out)·hybrid + ρ_out·E_out[first piece] + β(n−1)·δ`` (ρ = 0.5). On a tied head the
     split does not pay (one row serves both ends; measured worse), so only the offset is used.
 
-  Measured on dev slices (SmolLM2-135M ← Llama-3 tokenizer, bits/byte mean of en/de/zh; the
-  original model 1.543): published 2.642, tied + offset 2.581, untied split + offset 2.553;
-  the split *without* offset is worse than published (first-piece rows make every token that
-  starts with a frequent piece as likely as the piece itself).
-- ``omp``: donor-based (mergekit ``tokensurgeon``): the donor model's row of each new
-  token is approximated by a ``k``-sparse combination of the donor rows of shared
-  tokens (orthogonal matching pursuit, batched in Gram space, over the ``4k`` shared tokens
-  most correlated with the target, shortlisted in bf16),
-  and the same coefficients are applied to the base model's rows of those tokens.
+  Measured on dev slices of the shipped *train* texts (SmolLM2-135M ← Llama-3 tokenizer,
+  bits/byte): en/de/zh mean (original model 1.543): published 2.642, tied + per-piece offset
+  2.581, untied split + offset 2.553; en/zh/ja with the offset per character unit instead of
+  per piece: published 1.620/3.160/2.746, per piece 1.579/3.105/2.824, per unit
+  1.579/3.013/2.683. The split *without* offset is worse than published (first-piece rows make
+  every token that starts with a frequent piece as likely as the piece itself).
+- ``omp``: donor-based (mergekit ``tokensurgeon``), in :mod:`surgery.transplant.omp`.
 """
 
 from __future__ import annotations
@@ -115,9 +115,9 @@ class RowPlan:
 
 METHODS: dict[str, Callable[[MethodInputs], RowPlan]] = {}
 
-# logit offset per extra piece (io_split="pieces"), measured on dev slices of the shipped train texts
-# (SmolLM2-135M ← Llama-3, mean bits/byte over en/de/zh): tied 2.642 → 2.581 with -1.0;
-# untied with input/output focus 0.5: 2.553 with -1.5 (-1.0: 2.579, -2.0: 2.553).
+# logit offset per extra unit (io_split="pieces"), measured on dev slices of the shipped train texts
+# (SmolLM2-135M ← Llama-3, mean bits/byte over en/de/zh, offset per piece): tied 2.642 → 2.581 with
+# -1.0; untied with input/output focus 0.5: 2.553 with -1.5 (-1.0: 2.579, -2.0: 2.553).
 DEFAULT_BIAS_TIED = -1.0
 DEFAULT_BIAS_UNTIED = -1.5
 
@@ -335,6 +335,21 @@ def neighbours_dedup(queries: np.ndarray, keys: np.ndarray, k: int, device="cpu"
     return out_s, out_i
 
 
+def extra_units(pieces: Pieces, old_vocab: Vocabulary) -> np.ndarray:
+    """``(T,)`` pieces beyond the first that start a new character.
+
+    A piece that begins with a UTF-8 continuation byte (the tail of a character a byte-level
+    tokenizer split) is not a unit of its own, so a single CJK character cut into byte pieces
+    counts as one unit, and ``n`` whole-character pieces as ``n``.
+    """
+    first_byte = np.fromiter(((old_vocab.surfaces[int(i)] or b"\x00")[0] for i in pieces.ids), dtype=np.int64,
+                             count=len(pieces.ids))
+    starts_char = ((first_byte & 0xC0) != 0x80).astype(np.int64)
+    units = np.zeros(len(pieces.counts), dtype=np.int64)
+    np.add.at(units, pieces.owner, starts_char)
+    return np.maximum(units - 1, 0).astype(np.float64)
+
+
 def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
     """The TokenAdapt hybrid (see module docstring), optionally with the input/output split."""
     cfg = inp.config
@@ -386,7 +401,7 @@ def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
             beta = DEFAULT_BIAS_UNTIED if inp.separate_output else DEFAULT_BIAS_TIED
         stats["output_bias_per_piece"] = beta
         if beta:
-            out_bias = beta * np.maximum(pieces.counts - 1, 0).astype(np.float64)
+            out_bias = beta * extra_units(pieces, inp.old_vocab)
     stats.update({"seconds_decompose": round(t_dec, 2), "seconds_local": round(t_loc, 2),
                   "seconds_global": round(t_glob, 2), "io_split": io_split,
                   "mean_pieces": round(float(pieces.counts.mean()) if T else 0.0, 3)})
@@ -405,93 +420,4 @@ def tokenadapt_published(inp: MethodInputs) -> RowPlan:
     return tokenadapt_plan(inp, "none")
 
 
-# --------------------------------------------------------------------------- omp
-def batched_omp(x: torch.Tensor, atoms: torch.Tensor, cand: torch.Tensor, k: int, ridge: float = 1e-6
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthogonal matching pursuit for a batch of targets, each over its own candidate atoms.
-
-    Works in Gram space: with ``b = A·x`` and ``G = A·Aᵀ`` of the candidates, the residual's
-    correlations are ``b − G[:, S]·c``, so the loop never touches the ``d``-dimensional vectors.
-
-    Args:
-        x: ``(B, d)`` targets.
-        atoms: ``(S, d)`` dictionary.
-        cand: ``(B, M)`` candidate atom indices per target (``k ≤ M``).
-        k: atoms to select per target.
-        ridge: relative Tikhonov term of the least-squares refits.
-
-    Returns:
-        ``(sel (B, k) atom indices, coef (B, k))`` with ``x ≈ Σ coef·atoms[sel]``.
-    """
-    B = x.shape[0]
-    M = cand.shape[1]
-    k = min(k, M)
-    A = atoms[cand]  # (B, M, d)
-    b = torch.einsum("bmd,bd->bm", A, x)
-    G = A @ A.transpose(1, 2)  # (B, M, M); float32: batched bf16 products measured 3x slower on CPU
-    del A
-    norms = G.diagonal(dim1=1, dim2=2).clamp_min(1e-24).sqrt()
-    chosen = torch.zeros(B, M, dtype=torch.bool, device=x.device)
-    sel = torch.zeros(B, k, dtype=torch.long, device=x.device)
-    cols = torch.zeros(B, M, k, dtype=x.dtype, device=x.device)  # G[:, :, sel], grown one column per step
-    Gss = torch.zeros(B, k, k, dtype=x.dtype, device=x.device)  # G[sel, sel]
-    ar = torch.arange(B, device=x.device)
-    eye = torch.eye(k, dtype=x.dtype, device=x.device)
-    c = torch.zeros(B, 0, dtype=x.dtype, device=x.device)
-    r = b
-    for j in range(k):
-        corr = (r.abs() / norms).masked_fill(chosen, -1.0)
-        p = corr.argmax(dim=1)
-        chosen[ar, p] = True
-        sel[:, j] = p
-        cols[:, :, j] = G[ar, :, p]
-        row = cols[ar, p, : j + 1]
-        Gss[:, j, : j + 1] = row
-        Gss[:, : j + 1, j] = row
-        Gs = Gss[:, : j + 1, : j + 1]
-        reg = ridge * Gs.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
-        c = torch.linalg.solve(Gs + reg[:, None, None] * eye[: j + 1, : j + 1], b.gather(1, sel[:, : j + 1]))
-        r = b - torch.bmm(cols[:, :, : j + 1], c[:, :, None])[:, :, 0]
-    return cand.gather(1, sel), c
-
-
-@register_method("omp")
-def omp_init(inp: MethodInputs) -> RowPlan:
-    """Donor OMP over the shared tokens (see module docstring)."""
-    from surgery.transplant.neighbours import topk_inner_product
-
-    cfg = inp.config
-    if inp.donor_in is None:
-        raise ValueError("omp needs donor_in")
-    T, V = len(inp.targets), inp.old_in.shape[0]
-    t0 = time.time()
-    D = inp.donor_in.float()
-    ok_sh = inp.shared_new < D.shape[0]
-    atoms_new, atoms_old = inp.shared_new[ok_sh], inp.shared_old[ok_sh]
-    atoms = D[torch.as_tensor(atoms_new)]
-    has_row = inp.targets < D.shape[0]
-    tgt = np.flatnonzero(has_row)
-    X = D[torch.as_tensor(inp.targets[tgt])]
-    n_cand = min(4 * cfg.omp_k, len(atoms_new))
-    an = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    # candidate pre-selection only: low precision is enough to shortlist, OMP itself runs in float32
-    _, cand = topk_inner_product(X, an, n_cand, device=inp.device, absolute=True, progress=inp.progress,
-                                 dtype=torch.bfloat16)
-    t_sel = time.time() - t0
-    rows, cols, vals = [], [], []
-    dev = torch.device(inp.device)
-    block = max(1, int(2**25 // max(1, n_cand * max(D.shape[1], n_cand))))  # ~128 MB per block
-    from tqdm.auto import tqdm
-
-    atoms_d = atoms.to(dev)
-    for s in tqdm(range(0, len(tgt), block), desc="omp", disable=not inp.progress, leave=False):
-        sel, coef = batched_omp(X[s:s + block].to(dev), atoms_d, cand[s:s + block].to(dev), cfg.omp_k)
-        rows.append(np.repeat(tgt[s:s + block], sel.shape[1]))
-        cols.append(atoms_old[sel.cpu().numpy().ravel()])
-        vals.append(coef.double().cpu().numpy().ravel())
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    coef = _csr(r, np.concatenate(cols) if cols else r, np.concatenate(vals) if vals else np.zeros(0), (T, V))
-    src = np.where(has_row, SRC_OMP, SRC_RANDOM).astype(np.int8)
-    return RowPlan(coef, None, src, {"omp_k": cfg.omp_k, "omp_candidates": n_cand, "omp_atoms": len(atoms_new),
-                                     "seconds_omp_select": round(t_sel, 2),
-                                     "seconds_omp": round(time.time() - t0, 2)})
+from surgery.transplant import omp as _omp  # noqa: E402,F401  (registers "omp")

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from surgery.transplant.methods import (Pieces, apply_io_split, batched_omp, global_weights, local_weights,
+from surgery.transplant.methods import (Pieces, apply_io_split, global_weights, local_weights,
                                         segment_softmax)
 from surgery.transplant.neighbours import topk_inner_product
+from surgery.transplant.omp import batched_omp
 
 
 def _softmax(x):
@@ -161,3 +162,16 @@ def test_neighbours_dedup_breaks_ties_by_lowest_index():
         ref = sorted(range(200), key=lambda j: (-round(float(keys[j] @ q[r]), 6), j))[:4]
         assert i[r].tolist() == ref
         np.testing.assert_allclose(s[r], dense[r, ref], rtol=1e-5)
+
+
+def test_extra_units_count_character_starts_only():
+    from types import SimpleNamespace
+
+    from surgery.transplant.methods import extra_units
+
+    # old pieces: "in", "ter", "\xe4\xb8" (head of 中), "\xad" (its tail), "文"
+    surfaces = [b"in", b"ter", "中".encode()[:2], "中".encode()[2:], "文".encode()]
+    vocab = SimpleNamespace(surfaces=surfaces)
+    pieces = Pieces(np.array([0, 1, 2, 3, 2, 3, 4, 4]), np.array([0, 0, 1, 1, 2, 2, 2, 3]), np.array([2, 2, 3, 1]))
+    # "inter": 2 units; "中" in two byte pieces: 1 unit; "中文": 2 units; "文": 1 unit
+    np.testing.assert_array_equal(extra_units(pieces, vocab), [1, 0, 1, 0])
