@@ -58,6 +58,11 @@ if name in ("pkl", "hkl", "gold", "tkl"):
 loss = make_loss(name, LossParams(top_k=top_k, uld_topk=uld_topk), ctx)
 g = torch.Generator().manual_seed(0)
 def batch():
+    if name == "kl":  # one tokenizer: every chunk is one position on each side
+        zs = (torch.randn(micro, vs, generator=g) * 3).requires_grad_()
+        zt = torch.randn(micro, VT, generator=g) * 3
+        idx = torch.arange(micro)
+        return ChunkedBatch(zs, idx, TeacherDist(VT, logits=zt), idx, micro)
     # one chunk per 1.25 positions on average: most chunks 1:1, some 2:1 / 1:2
     rng = np.random.default_rng(0)
     sizes_s = rng.choice([1, 1, 1, 2], size=micro); sizes_t = rng.choice([1, 1, 1, 2], size=micro)
@@ -121,6 +126,8 @@ def run_cost(args) -> None:
                  ("uld", 0, 8192), ("pkl", 1024, 0), ("pkl", 32768, 0)]
         if not args.skip_exact_uld:
             cases.append(("uld", 0, 0))  # exact: full sort of 262k (teacher) and 49k (student) per position
+        if args.cases:
+            cases = [c for c in cases if c[0] in args.cases]
         ref = None
         for name, k, uk in cases:
             exact = name == "uld" and uk == 0
@@ -186,6 +193,7 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=1024)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--skip-exact-uld", action="store_true")
+    p.add_argument("--cases", nargs="*", default=None, help="--part cost: only these losses (kl is the reference)")
     p.add_argument("--losses", nargs="+", default=["ce", "uld", "gold", "pkl", "hkl", "tkl"])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=4)

@@ -10,5 +10,6 @@
 """
 
 from surgery.bytelevel.bytelm import ByteLM
+from surgery.bytelevel.ensemble import ENSEMBLE_MODES, ByteEnsemble, TokenEnsemble
 
-__all__ = ["ByteLM"]
+__all__ = ["ByteLM", "ByteEnsemble", "TokenEnsemble", "ENSEMBLE_MODES"]

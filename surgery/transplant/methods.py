@@ -399,7 +399,7 @@ def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
         beta = cfg.output_bias
         if beta is None:
             beta = DEFAULT_BIAS_UNTIED if inp.separate_output else DEFAULT_BIAS_TIED
-        stats["output_bias_per_piece"] = beta
+        stats["output_bias_per_unit"] = beta
         if beta:
             out_bias = beta * extra_units(pieces, inp.old_vocab)
     stats.update({"seconds_decompose": round(t_dec, 2), "seconds_local": round(t_loc, 2),

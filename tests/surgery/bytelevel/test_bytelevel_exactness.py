@@ -121,7 +121,7 @@ def test_other_byte_level_tokenizers(asset, brute_force):
     model = tiny_llama(len(v), seed=11)
     blm = ByteLM(model, tok, canon=Canonicalizer(tok, v))
     brute = brute_force(model, tok, v.surfaces, blm.start_id, False)
-    data = b"it's 1234"
+    data = b"it's 123"
     chain = 0.0
     for i in range(len(data) + 1):
         ref = brute.next_bytes(data[:i], "canonical")
