@@ -1,12 +1,15 @@
 """Benchmark: cross-tokenizer distillation losses — cost at real vocabulary sizes, and quality at a fixed budget.
 
 (a) ``--part cost``: time and peak memory of every loss's own forward + backward at
-    V_t = 262,144 (Gemma-3), V_s = 49,152 (SmolLM2), 4,096 positions per step (four
-    micro-batches of 1,024), with random logits and the real Gemma-3/SmolLM2
-    projection; ``kl`` runs on a single vocabulary of the teacher's size (V = 262,144 for
-    both sides), the reference. Also: ULD with an exact full sort, and ``pkl`` at several
+    V_t = 262,144 (Gemma-3), V_s = 49,152 (SmolLM2), 4,096 positions per step (eight
+    micro-batches of 512, so that no process passes ~6 GiB), with random logits and the real
+    Gemma-3/SmolLM2 projection; ``kl`` runs on a single vocabulary of the teacher's size
+    (V = 262,144 for both sides), the step-time reference. ``uld-exact`` is ULD with an exact
+    full sort of all 262,144 teacher (and 49,152 student) probabilities — the reference of the
+    "≤ 1/5 of a sorted-ULD term" target (timed on one micro-batch, scaled). Also ``pkl`` at several
     ``top_k`` (memory grows with top-k). Each measurement runs in its own subprocess
-    (peak RSS is its own). One torch thread.
+    (peak RSS is its own). One torch thread. Split into several locked runs with ``--cases``
+    (``--reference`` reads the kl / uld-exact rows of an earlier run for the ratios).
 (b) ``--part budget``: Gemma-3-270M → SmolLM2-135M on the shipped German text with the CPU
     recipe (recipes/distill_gemma3_to_smollm2.yaml), the same steps, data order and seed for
     ``ce``, ``uld``, ``gold``, ``pkl``, ``hkl``, ``tkl``; held-out student bits/byte at the end (and
@@ -118,39 +121,58 @@ def save_alignment_arrays(path: Path) -> None:
                       "hkl_pairs": int(len(ps)), "exact_pairs": int(len(es))}), flush=True)
 
 
+COST_CASES = [("kl", 8192, 0), ("uld-exact", 0, 0), ("pkl", 8192, 0), ("tkl", 8192, 0), ("hkl", 0, 8192),
+              ("gold", 0, 8192), ("uld", 0, 8192), ("pkl", 1024, 0), ("pkl", 32768, 0)]
+
+
+def _reference_seconds(path: str | None) -> dict[str, float]:
+    """``{"kl": s, "uld-exact": s}`` from an earlier ``--part cost`` JSONL (to split runs across locked slots)."""
+    out: dict[str, float] = {}
+    if path and Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("benchmark") == "distill_loss_cost" and row.get("loss") in ("kl", "uld-exact"):
+                out[row["loss"]] = row["seconds_per_step"]
+    return out
+
+
 def run_cost(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         align = Path(tmp) / "align.npz"
-        save_alignment_arrays(align)
-        cases = [("kl", 8192, 0), ("pkl", 8192, 0), ("tkl", 8192, 0), ("hkl", 0, 8192), ("gold", 0, 8192),
-                 ("uld", 0, 8192), ("pkl", 1024, 0), ("pkl", 32768, 0)]
-        if not args.skip_exact_uld:
-            cases.append(("uld", 0, 0))  # exact: full sort of 262k (teacher) and 49k (student) per position
+        cases = [c for c in COST_CASES if not (args.skip_exact_uld and c[0] == "uld-exact")]
         if args.cases:
             cases = [c for c in cases if c[0] in args.cases]
-        ref = None
-        for name, k, uk in cases:
-            exact = name == "uld" and uk == 0
+        if any(c[0] in ("pkl", "tkl", "hkl", "gold") for c in cases):
+            save_alignment_arrays(align)
+        ref = _reference_seconds(args.reference)
+        for label, k, uk in cases:
+            name = "uld" if label == "uld-exact" else label
+            exact = label == "uld-exact"
             n_pos = args.micro if exact else args.positions  # the exact sort is slow: one micro-batch, scaled
             reps = 1 if exact else args.reps
             env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
             r = subprocess.run([sys.executable, "-c", COST_CHILD, name, str(k), str(uk), str(n_pos), str(args.micro),
                                 str(align), str(reps)], capture_output=True, text=True, env=env, cwd=ROOT)
             if r.returncode:
-                print(json.dumps({"benchmark": "distill_loss_cost", "loss": name, "error": r.stderr[-500:]}), flush=True)
+                print(json.dumps({"benchmark": "distill_loss_cost", "loss": label, "error": r.stderr[-500:]}), flush=True)
                 continue
             d = json.loads(r.stdout.strip().splitlines()[-1])
             secs = d["seconds"] * (args.positions / n_pos)
-            row = {"benchmark": "distill_loss_cost", "loss": name + ("-exact-sort" if exact else ""),
+            row = {"benchmark": "distill_loss_cost", "loss": label,
                    "V_s": VT if name == "kl" else VS, "V_t": VT, "positions": args.positions, "micro_batch": args.micro,
                    "top_k": k if name in ("pkl", "tkl") else None, "uld_topk": uk if name in ("uld", "hkl", "gold") else None,
                    "seconds_per_step": round(secs, 3), "peak_rss_gib": d["peak_rss_gib"],
                    "loss_extra_rss_gib": d["loss_extra_rss_gib"],
                    "extrapolated_from_positions": n_pos if n_pos != args.positions else None, "threads": 1}
-            if name == "kl":
-                ref = secs
-            if ref:
-                row["relative_to_kl"] = round(secs / ref, 3)
+            if label in ("kl", "uld-exact"):
+                ref[label] = secs
+            if "kl" in ref:
+                row["relative_to_kl"] = round(secs / ref["kl"], 3)
+            if "uld-exact" in ref:
+                row["relative_to_exact_uld"] = round(secs / ref["uld-exact"], 3)
             print(json.dumps(row), flush=True)
 
 
@@ -190,10 +212,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["cost", "budget", "all"], default="all")
     p.add_argument("--positions", type=int, default=4096)
-    p.add_argument("--micro", type=int, default=1024)
+    p.add_argument("--micro", type=int, default=512)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--skip-exact-uld", action="store_true")
-    p.add_argument("--cases", nargs="*", default=None, help="--part cost: only these losses (kl is the reference)")
+    p.add_argument("--cases", nargs="*", default=None,
+                   help="--part cost: only these cases (kl, uld-exact, pkl, tkl, hkl, gold, uld); split long runs")
+    p.add_argument("--reference", default=None, metavar="JSONL",
+                   help="--part cost: earlier output holding the kl / uld-exact rows, for the ratios of a split run")
     p.add_argument("--losses", nargs="+", default=["ce", "uld", "gold", "pkl", "hkl", "tkl"])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=4)

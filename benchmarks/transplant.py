@@ -42,6 +42,7 @@ METHODS = {
     "omp": {"method": "omp", "donor": "gemma3-270m", "omp_k": 16},  # k=16 (not 64) to fit CPU time
 }
 DONOR_OF = {"omp": {"gemma3-270m"}}  # omp only where the donor speaks the new tokenizer
+HEAL_LR = 2e-3
 
 
 def emit(d: dict) -> None:
@@ -72,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-minutes", type=float, default=5.0, help="CPU heal of the best method (0 = skip)")
     ap.add_argument("--heal-texts", nargs="+", default=None, help="default: shipped train texts of --langs")
     ap.add_argument("--heal-method", default=None, help="method to heal (default: the best zero-shot of this run)")
+    ap.add_argument("--heal-lr", type=float, default=HEAL_LR, help="learning rate of the healed rows")
+    ap.add_argument("--heal-head-only", action="store_true",
+                    help="heal head rows only (forward-only body, faster steps) instead of input and head rows")
     ap.add_argument("--work", default=None, help="folder for transplanted checkpoints (default: a temp folder)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -127,8 +131,8 @@ def main(argv=None) -> int:
             src = results[best][1]
             heal_texts = args.heal_texts or [str(TEXTS / f"debian-reference.{lang}.train.txt") for lang in args.langs]
             out = work / f"{pair}-{best}-healed"
-            cfg = HealConfig(minutes=args.heal_minutes, device="cpu", seq_len=256, batch_size=2, lr=3e-3,
-                             warmup=2, checkpoint_every=1000)
+            cfg = HealConfig(minutes=args.heal_minutes, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
+                             warmup=3, checkpoint_every=100000, input_rows=not args.heal_head_only)
             t3 = time.time()
             s = heal_checkpoint(str(src), heal_texts, str(out), cfg, overwrite=True, progress=False)
             model = load_model(out)
@@ -140,7 +144,9 @@ def main(argv=None) -> int:
                       "bits_per_byte": round(v, 4), "ratio": round(v / orig[lang], 4),
                       "zero_shot_bits_per_byte": round(results[best][0][lang], 4),
                       "heal_steps": s["steps"], "heal_s": round(time.time() - t3, 1),
-                      "heal_tokens": s["tokens_seen"]})
+                      "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],
+                      "heal_tokens": s["tokens_seen"], "heal_rows_trained": s["rows_trained"],
+                      "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "input_rows")}})
     return 0
 
 

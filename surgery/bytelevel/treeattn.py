@@ -124,13 +124,15 @@ def _truncate(cache, length: int) -> None:
 
 
 @torch.no_grad()
-def forward_window(model, trunk: list[int], branches: list[tuple[int, int]], chunk: int = 512
+def forward_window(model, trunk: list[int], branches: list[tuple[int, int]], chunk: int = 256
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of a trunk (a plain causal sequence) and of branch tokens hanging off it.
 
     The trunk runs once with a KV cache; the branch tokens then run in chunks against
     that cache with a tree mask, so that the (mostly masked) branch-to-branch attention
-    stays small.
+    stays small. Chunks run from the one hanging off the latest trunk position to the
+    earliest, and each sees only the trunk keys up to its latest attach point (the cache
+    is cut there: later keys would be masked anyway), which saves attention work.
 
     Args:
         trunk: ``(T,)`` token ids at positions ``0..T-1``.
@@ -167,24 +169,26 @@ def forward_window(model, trunk: list[int], branches: list[tuple[int, int]], chu
             pieces.append((begin, a))
             begin = a
     pieces.append((begin, len(branches)))
-    k_pos_trunk = torch.arange(T, device=device)
-    hidden = []
-    for b0, b1 in pieces:
+    need = [max(root[b0:b1]) + 1 for b0, b1 in pieces]  # trunk keys each chunk can see
+    hidden: list[torch.Tensor | None] = [None] * len(pieces)
+    for c in sorted(range(len(pieces)), key=lambda c: -need[c]):
+        b0, b1 = pieces[c]
+        L = need[c]
+        _truncate(cache, L)  # drops the previous chunk and the trunk keys no branch here can see
         q = b1 - b0
-        allowed = torch.zeros(q, T + q, dtype=torch.bool)
+        allowed = torch.zeros(q, L + q, dtype=torch.bool)
         for j in range(q):
             i = b0 + j
             allowed[j, : root[i] + 1] = True
             p = branches[i][1]
             if p >= T:
-                allowed[j, T:] = allowed[p - T - b0, T:]
-            allowed[j, T + j] = True
+                allowed[j, L:] = allowed[p - T - b0, L:]
+            allowed[j, L + j] = True
         q_pos = torch.tensor(pos[b0:b1], device=device)
-        mask = tree_mask(model, allowed.to(device), q_pos, torch.cat([k_pos_trunk, q_pos]))
+        mask = tree_mask(model, allowed.to(device), q_pos, torch.cat([torch.arange(L, device=device), q_pos]))
         out = decoder(input_ids=torch.tensor([[t for t, _ in branches[b0:b1]]], device=device),
                       attention_mask=mask, position_ids=q_pos[None], use_cache=True, **{cache_kwarg(model): cache})
-        hidden.append(out.last_hidden_state[0])
-        _truncate(cache, T)
+        hidden[c] = out.last_hidden_state[0]
     return h_trunk, torch.cat(hidden)
 
 

@@ -20,7 +20,9 @@ def add_arguments(p):
     budget.add_argument("--steps", type=int, help="optimizer steps")
     budget.add_argument("--minutes", type=float, help="wall-clock budget in minutes")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the new rows (default 1e-3)")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the new rows (default 2e-3)")
+    p.add_argument("--head-only", action="store_true",
+                   help="train head rows only: the body runs forward only (faster steps); default: input and head rows")
     p.add_argument("--lora", action="store_true", help="also train LoRA adapters (peft) on the body")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
@@ -44,7 +46,7 @@ def run(args) -> int:
     cfg = HealConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, lora=args.lora, lora_rank=args.lora_rank,
                      seq_len=args.seq_len, batch_size=args.batch_size, train_rows=args.train_rows,
                      checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
-                     autocast=args.autocast)
+                     autocast=args.autocast, input_rows=not args.head_only)
     s = heal_checkpoint(args.model, args.text, args.out, cfg, overwrite=args.overwrite, resume=args.resume,
                         eval_path=args.eval_text)
     bpb = ""

@@ -1,10 +1,12 @@
 """Heal a transplanted model: short training of only the rows the transplant invented.
 
 Rows copied bit for bit (shared and special tokens, listed in ``transplant_rows.json``
-by :func:`~surgery.transplant.transplant.transplant_checkpoint`) stay frozen: their
-gradients are masked to zero and they get no weight decay, so Adam never moves them.
-Everything else in the model is frozen too, unless ``lora`` adds LoRA adapters (peft)
-to the linear layers of the body, merged into the weights at the end.
+by :func:`~surgery.transplant.transplant.transplant_checkpoint`) stay frozen: they are
+never selected for training. Training is row-sparse (see :func:`heal`): a step touches
+only the new rows its batch uses, through hooks, with a lazy per-row Adam — no dense
+``(V, d)`` gradient or optimizer state pass (the dense version spent most of a CPU step
+there). Everything else in the model is frozen too, unless ``lora`` adds LoRA adapters
+(peft) to the linear layers of the body, merged into the weights at the end.
 
 Resumable: every ``checkpoint_every`` steps the trainable tensors, optimizer, RNG
 states, data position and elapsed time go to a hidden sibling of the output
@@ -88,36 +90,112 @@ def sample_batch(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch
 
 
 # --------------------------------------------------------------------------- training
-def _row_mask(n_rows: int, copied: np.ndarray | None, train_rows: str) -> torch.Tensor:
-    m = torch.ones(n_rows, 1)
+class RowAdam:
+    """Adam on the rows of one matrix that a step touched (lazy, per-row step counts).
+
+    The rows of a step are gathered into a small leaf tensor, trained through hooks (see
+    :class:`_RowHooks`) and written back; the state lives only for trainable rows
+    (``slot[row]``), so neither a dense ``(V, d)`` gradient nor an optimizer pass over all
+    ``V`` rows is ever made (SmolLM2 ← Llama-3: 89k of 128k rows are new; a dense step spent
+    most of its time there).
+
+    Args:
+        weight: ``(V, d)`` the matrix (updated in place).
+        trainable: ``(V,)`` bool, rows allowed to move.
+    """
+
+    def __init__(self, weight: torch.Tensor, trainable: np.ndarray, betas=(0.9, 0.98), eps: float = 1e-8):
+        self.weight = weight
+        self.trainable = torch.as_tensor(trainable, dtype=torch.bool)
+        n = int(self.trainable.sum())
+        self.slot = torch.full((weight.shape[0],), -1, dtype=torch.long)
+        self.slot[self.trainable] = torch.arange(n)
+        self.m = torch.zeros(n, weight.shape[1], dtype=torch.float32, device=weight.device)
+        self.v = torch.zeros_like(self.m)
+        self.t = torch.zeros(n, dtype=torch.float32, device=weight.device)
+        self.betas, self.eps = betas, eps
+
+    def select(self, ids: torch.Tensor) -> torch.Tensor:
+        """Distinct trainable rows among ``ids`` (sorted)."""
+        u = torch.unique(ids.reshape(-1).cpu())
+        return u[self.trainable[u]]
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, leaf: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        b1, b2 = self.betas
+        s = self.slot[rows].to(self.m.device)
+        g = grad.float()
+        self.t[s] += 1
+        t = self.t[s][:, None]
+        m = self.m[s].mul_(b1).add_(g, alpha=1 - b1)
+        v = self.v[s].mul_(b2).addcmul_(g, g, value=1 - b2)
+        self.m[s], self.v[s] = m, v
+        upd = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(self.eps))
+        self.weight[rows.to(self.weight.device)] = (leaf.detach().float() - lr * upd).to(self.weight.dtype)
+
+    def state_dict(self) -> dict:
+        touched = torch.nonzero(self.t > 0).reshape(-1)
+        rows = torch.nonzero(self.trainable).reshape(-1)[touched]
+        return {"rows": rows, "weight": self.weight.detach()[rows].cpu().clone(), "m": self.m[touched].cpu(),
+                "v": self.v[touched].cpu(), "t": self.t[touched].cpu()}
+
+    @torch.no_grad()
+    def load_state_dict(self, st: dict) -> None:
+        rows = st["rows"]
+        if len(rows) and not bool(self.trainable[rows].all()):
+            raise SurgeryError("saved heal state trains rows this model keeps frozen",
+                               "resume with the same model and --train-rows setting")
+        s = self.slot[rows]
+        self.weight[rows.to(self.weight.device)] = st["weight"].to(self.weight.device, self.weight.dtype)
+        self.m[s], self.v[s], self.t[s] = st["m"].to(self.m.device), st["v"].to(self.m.device), st["t"].to(self.m.device)
+
+
+class _RowHooks:
+    """Hooks that make the rows of one step trainable without a gradient for the whole matrix.
+
+    Input side: the embedding's output gets ``scale · (leaf − leaf.detach())[map]`` added (zero
+    in value, gradient to the leaf; ``scale`` = Gemma's ``embed_scale`` or 1). Output side: the
+    head's logits get ``h · (leaf − leaf.detach())ᵀ`` added at the leaf's columns. The frozen
+    matrices themselves never require a gradient; without input rows nothing upstream of the
+    head does either, so the body runs forward only.
+    """
+
+    def __init__(self, emb, head):
+        self.in_map = self.in_table = self.out_cols = self.out_delta = None
+        scale = getattr(emb, "embed_scale", None)
+        self.scale = scale if scale is not None else 1.0
+        self.handles = [emb.register_forward_hook(self._emb)]
+        if head is not None:
+            self.handles.append(head.register_forward_hook(self._head))
+
+    def set(self, in_map=None, in_leaf=None, out_cols=None, out_leaf=None):
+        self.in_map = in_map
+        self.in_table = None if in_leaf is None else torch.cat([torch.zeros_like(in_leaf[:1]), in_leaf - in_leaf.detach()])
+        self.out_cols = out_cols
+        self.out_delta = None if out_leaf is None else out_leaf - out_leaf.detach()
+
+    def _emb(self, mod, args, out):
+        if self.in_table is None:
+            return out
+        s = self.scale.to(out.dtype) if isinstance(self.scale, torch.Tensor) else self.scale
+        return out + (torch.nn.functional.embedding(self.in_map, self.in_table) * s).to(out.dtype)
+
+    def _head(self, mod, args, out):
+        if self.out_delta is None:
+            return out
+        h = args[0]
+        return out.index_add(-1, self.out_cols, (h @ self.out_delta.to(h.dtype).T).to(out.dtype))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _row_mask(n_rows: int, copied: np.ndarray | None, train_rows: str) -> np.ndarray:
+    m = np.ones(n_rows, dtype=bool)
     if train_rows == "new" and copied is not None and len(copied):
-        m[torch.as_tensor(copied[copied < n_rows])] = 0.0
+        m[copied[copied < n_rows]] = False
     return m
-
-
-def _trainables(model, cfg: HealConfig, copied: np.ndarray | None):
-    """Set requires_grad, add gradient masks; returns (param groups, named trainable tensors)."""
-    from surgery.transplant.surgery_ops import embedding_modules
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    emb, head, tied = embedding_modules(model)
-    rows = []
-    mask = _row_mask(emb.weight.shape[0], copied, cfg.train_rows)
-    for mod in ([emb] if (tied or head is None) else [emb, head]):
-        w = mod.weight
-        w.requires_grad_(True)
-        m = mask.to(w.device, w.dtype)
-        w.register_hook(lambda g, m=m: g * m)
-        rows.append(w)
-    groups = [{"params": rows, "lr": cfg.lr, "weight_decay": 0.0}]
-    if cfg.lora:
-        lora = [p for n, p in model.named_parameters() if "lora_" in n]
-        for p in lora:
-            p.requires_grad_(True)
-        groups.append({"params": lora, "lr": cfg.lora_lr, "weight_decay": cfg.weight_decay})
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return groups, named
 
 
 def _add_lora(model, cfg: HealConfig):
@@ -146,13 +224,17 @@ def _use_bf16(mode: str, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def _lr_factor(step: int, cfg: HealConfig, total: int | None) -> float:
+def _lr_factor(step: int, cfg: HealConfig, total: int | None, time_frac: float | None = None) -> float:
+    """Linear warm-up, then cosine to 10% over the step budget (or the time budget's fraction)."""
     if step < cfg.warmup:
         return (step + 1) / max(1, cfg.warmup)
-    if total:  # cosine to 10% over a step budget
+    if total:
         frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-    return 1.0
+    elif time_frac is not None:
+        frac = min(1.0, max(0.0, time_frac))
+    else:
+        return 1.0
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -167,10 +249,16 @@ def heal(model, tokenizer, texts: list[str], config: HealConfig, state_dir: str 
          progress: bool = True) -> tuple[object, dict, list[dict]]:
     """Train the new rows of ``model`` (in place) on ``texts``.
 
+    Row-sparse: each step gathers the trainable rows its batch uses — input rows of its tokens,
+    head rows of its tokens (a tied matrix: their union, one leaf) — trains them through hooks
+    with the full softmax, and applies :class:`RowAdam` to those rows only. Rows of tokens a
+    batch does not contain keep their value (their softmax gradient is a small push-down,
+    skipped). Copied rows never move (bit-exact).
+
     Args:
         model: a transplanted causal LM.
         tokenizer: its tokenizer.
-        texts: training texts.
+        texts: training texts (mixed into one stream; windows are drawn at random).
         config: :class:`HealConfig` (``steps`` or ``minutes``).
         state_dir: where resumable checkpoints go (``None``: no checkpoints).
         copied_rows: ``(n,)`` ids of rows to keep frozen (with ``train_rows='new'``).
@@ -180,6 +268,8 @@ def heal(model, tokenizer, texts: list[str], config: HealConfig, state_dir: str 
     Returns:
         ``(model, summary, metrics)``; with LoRA the adapters are merged into the returned model.
     """
+    from surgery.transplant.surgery_ops import embedding_modules
+
     cfg = config
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.train_rows == "new" and copied_rows is None:
@@ -198,12 +288,21 @@ def heal(model, tokenizer, texts: list[str], config: HealConfig, state_dir: str 
     model.to(device)
     if cfg.lora:
         model = _add_lora(model, cfg)
-    groups, named = _trainables(model, cfg, copied_rows)
-    # eps 1e-5, not 1e-8: with the full softmax every row gets a tiny gradient, and a tiny eps turns
-    # those into full-size (sign-like) Adam steps that move rows of tokens the batch never saw. (A
-    # 10-step heal with eps 1e-8 on en/de/zh/ja text improved en and hurt de/zh/ja; this is the
-    # likely cause.) With 1e-5, rows with real gradients (~1e-3) still get Adam-sized steps.
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb, head, tied = embedding_modules(model)
+    untied = head is not None and not tied
+    trainable = _row_mask(emb.weight.shape[0], copied_rows, cfg.train_rows)
+    opt_in = RowAdam(emb.weight.data, trainable)
+    opt_out = RowAdam(head.weight.data, trainable) if untied else None
+    lora_params = []
+    opt_lora = None
+    if cfg.lora:
+        lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in lora_params:
+            p.requires_grad_(True)
+        opt_lora = torch.optim.AdamW(lora_params, lr=cfg.lora_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    train_in = cfg.input_rows or cfg.lora
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed, metrics = 0, 0.0, []
     state_path = Path(state_dir) / "state.pt" if state_dir else None
@@ -215,13 +314,21 @@ def heal(model, tokenizer, texts: list[str], config: HealConfig, state_dir: str 
         if {k: v for k, v in st["config"].items() if k not in budget_keys} != \
                 {k: v for k, v in cfg.to_dict().items() if k not in budget_keys}:
             LOG.warning("resuming with a different heal config than the saved state")
-        with torch.no_grad():
-            for n, t in st["trainable"].items():
-                if n not in named:
-                    raise SurgeryError(f"saved heal state has tensor {n!r} this model lacks",
-                                       "resume with the same model and --lora setting")
-                named[n].copy_(t.to(named[n].device))
-        opt.load_state_dict(st["optim"])
+        if (st["rows_out"] is not None) != (opt_out is not None):
+            raise SurgeryError("saved heal state has a different head (tied/untied) than this model",
+                               "resume with the same model")
+        opt_in.load_state_dict(st["rows_in"])
+        if opt_out is not None:
+            opt_out.load_state_dict(st["rows_out"])
+        if opt_lora is not None:
+            named = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, t in st["lora"].items():
+                    if n not in named:
+                        raise SurgeryError(f"saved heal state has tensor {n!r} this model lacks",
+                                           "resume with the same model and --lora setting")
+                    named[n].copy_(t.to(named[n].device))
+            opt_lora.load_state_dict(st["optim_lora"])
         gen.set_state(st["data_rng"])
         torch.set_rng_state(st["torch_rng"])
         step, elapsed, metrics = st["step"], st["elapsed"], st["metrics"]
@@ -232,47 +339,92 @@ def heal(model, tokenizer, texts: list[str], config: HealConfig, state_dir: str 
     budget = cfg.minutes * 60 if cfg.minutes else None
     bar = tqdm(total=total, initial=step, desc="heal", disable=not progress, leave=False)
     t_run = time.time() - elapsed
+    hooks = _RowHooks(emb, head)
 
     def save():
         if state_path is None:
             return
         _save_state(state_path, {
             "step": step, "elapsed": time.time() - t_run, "config": cfg.to_dict(), "metrics": metrics,
-            "trainable": {n: p.detach().cpu() for n, p in named.items()}, "optim": opt.state_dict(),
+            "rows_in": opt_in.state_dict(), "rows_out": opt_out.state_dict() if opt_out is not None else None,
+            "lora": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optim_lora": opt_lora.state_dict() if opt_lora is not None else None,
             "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state()})
 
-    while True:
-        if total is not None and step >= total:
-            break
-        if budget is not None and time.time() - t_run >= budget:
-            break
-        f = _lr_factor(step, cfg, total)
-        for g, base in zip(opt.param_groups, [cfg.lr, cfg.lora_lr]):
-            g["lr"] = base * f
-        batch = sample_batch(stream, cfg.seq_len, cfg.batch_size, gen).to(device)
-        t0 = time.time()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(input_ids=batch, labels=batch)
-        loss = out.loss.float()
-        if not torch.isfinite(loss):
-            raise SurgeryError(f"loss became {loss.item()} at step {step}", "lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-        opt.step()
-        step += 1
-        rec = {"step": step, "loss": round(loss.item(), 5), "lr": opt.param_groups[0]["lr"],
-               "tokens": int(batch.numel()), "step_s": round(time.time() - t0, 3),
-               "elapsed_s": round(time.time() - t_run, 1)}
-        metrics.append(rec)
-        LOG.debug("%s", rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if step % cfg.checkpoint_every == 0:
-            save()
+    try:
+        while True:
+            if total is not None and step >= total:
+                break
+            if budget is not None and time.time() - t_run >= budget:
+                break
+            f = _lr_factor(step, cfg, total, (time.time() - t_run) / budget if budget else None)
+            lr = cfg.lr * f
+            if opt_lora is not None:
+                for g in opt_lora.param_groups:
+                    g["lr"] = cfg.lora_lr * f
+            batch = sample_batch(stream, cfg.seq_len, cfg.batch_size, gen).to(device)
+            t0 = time.time()
+            # rows of this step: input rows of the inputs, head rows of the targets (tied: their union)
+            rows_out = opt_in.select(batch[:, 1:]) if tied else (opt_out.select(batch[:, 1:]) if untied else None)
+            rows_in = opt_in.select(batch) if train_in else torch.zeros(0, dtype=torch.long)
+            if tied and head is not None:
+                rows_in = torch.unique(torch.cat([rows_in, rows_out]))
+                rows_out = rows_in
+            leaf_in = emb.weight.detach()[rows_in.to(device)].clone().float().requires_grad_(True) \
+                if len(rows_in) else None
+            if tied:
+                leaf_out = leaf_in
+            elif untied and len(rows_out):
+                leaf_out = head.weight.detach()[rows_out.to(device)].clone().float().requires_grad_(True)
+            else:
+                leaf_out = None
+            in_map = None
+            if leaf_in is not None and train_in:
+                lut = torch.zeros(emb.weight.shape[0], dtype=torch.long)
+                lut[rows_in] = torch.arange(1, len(rows_in) + 1)
+                in_map = lut[batch.cpu()].to(device)
+            hooks.set(in_map, leaf_in if in_map is not None else None,
+                      rows_out.to(device) if leaf_out is not None else None, leaf_out)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(input_ids=batch, labels=batch)
+            loss = out.loss.float()
+            if not torch.isfinite(loss):
+                raise SurgeryError(f"loss became {loss.item()} at step {step}", "lower --lr")
+            if opt_lora is not None:
+                opt_lora.zero_grad(set_to_none=True)
+            leaves = [x for x in {id(x): x for x in (leaf_in, leaf_out) if x is not None}.values()]
+            if leaves or lora_params:
+                loss.backward()
+            grads = [x.grad for x in leaves if x.grad is not None] + [p.grad for p in lora_params if p.grad is not None]
+            if cfg.grad_clip and grads:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if norm > cfg.grad_clip:
+                    for g in grads:
+                        g.mul_(cfg.grad_clip / (norm + 1e-6))
+            if tied:
+                if leaf_in is not None and leaf_in.grad is not None:
+                    opt_in.step(rows_in, leaf_in, leaf_in.grad, lr)
+            else:
+                if leaf_in is not None and leaf_in.grad is not None:
+                    opt_in.step(rows_in, leaf_in, leaf_in.grad, lr)
+                if leaf_out is not None and leaf_out.grad is not None:
+                    opt_out.step(rows_out, leaf_out, leaf_out.grad, lr)
+            if opt_lora is not None:
+                opt_lora.step()
+            hooks.set()
+            step += 1
+            rec = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "tokens": int(batch.numel()),
+                   "rows": int(len(rows_in) + (len(rows_out) if untied and rows_out is not None else 0)),
+                   "step_s": round(time.time() - t0, 3), "elapsed_s": round(time.time() - t_run, 1)}
+            metrics.append(rec)
+            LOG.debug("%s", rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if step % cfg.checkpoint_every == 0:
+                save()
+    finally:
+        hooks.remove()
     bar.close()
-    save()
     model.eval()
     if cfg.lora:
         model = model.merge_and_unload()
@@ -281,8 +433,11 @@ def heal(model, tokenizer, texts: list[str], config: HealConfig, state_dir: str 
     model.to("cpu")
     summary = {"steps": step, "seconds": round(time.time() - t_run, 1), "tokens_seen": int(step * cfg.seq_len *
                cfg.batch_size), "train_tokens_available": int(len(stream)),
+               "step_s_median": round(float(np.median([m["step_s"] for m in metrics])), 3) if metrics else None,
                "loss_first": metrics[0]["loss"] if metrics else None,
                "loss_last10": round(float(np.mean([m["loss"] for m in metrics[-10:]])), 5) if metrics else None,
+               "rows_trained": int((opt_in.t > 0).sum() + (opt_out.t > 0).sum() if opt_out is not None
+                                   else (opt_in.t > 0).sum()),
                "device": str(device), "bf16_autocast": use_bf16, "config": cfg.to_dict(),
                "bits_per_byte_before": bpb_before}
     if eval_text:

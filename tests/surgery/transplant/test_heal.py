@@ -130,3 +130,43 @@ def test_cli_heal(transplanted, tmp_path, capsys):
     assert rc == 0 and (out / "heal_summary.json").exists()
     assert "Healed" in capsys.readouterr().out
     assert main(["heal", str(src), "--text", str(text), "--steps", "2", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_row_hooks_give_the_dense_gradient_rows(tie):
+    """The row-sparse step's leaf gradients equal the rows of the dense gradient (reference)."""
+    from surgery.transplant.heal import _RowHooks
+
+    model = tiny_llama(300, seed=3, tie=tie).float()
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    batch = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    # dense reference
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb.weight.requires_grad_(True)
+    head.weight.requires_grad_(True)
+    model(input_ids=batch, labels=batch).loss.backward()
+    g_in, g_out = emb.weight.grad.clone(), head.weight.grad.clone()
+    emb.weight.grad = head.weight.grad = None
+    emb.weight.requires_grad_(False)
+    head.weight.requires_grad_(False)
+    # row-sparse: rows of the batch only
+    rows_in = torch.unique(batch)
+    rows_out = torch.unique(torch.cat([rows_in, torch.tensor([5, 77])])) if tie else torch.unique(batch[:, 1:])
+    if tie:
+        rows_in = rows_out
+    leaf_in = emb.weight.detach()[rows_in].clone().requires_grad_(True)
+    leaf_out = leaf_in if tie else head.weight.detach()[rows_out].clone().requires_grad_(True)
+    lut = torch.zeros(300, dtype=torch.long)
+    lut[rows_in] = torch.arange(1, len(rows_in) + 1)
+    hooks = _RowHooks(emb, head)
+    hooks.set(lut[batch], leaf_in, rows_out, leaf_out)
+    try:
+        model(input_ids=batch, labels=batch).loss.backward()
+    finally:
+        hooks.remove()
+    if tie:
+        torch.testing.assert_close(leaf_in.grad, g_in[rows_in], rtol=1e-4, atol=1e-6)
+    else:
+        torch.testing.assert_close(leaf_in.grad, g_in[rows_in], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(leaf_out.grad, g_out[rows_out], rtol=1e-4, atol=1e-6)
