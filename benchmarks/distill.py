@@ -189,7 +189,7 @@ def run_budget(args) -> None:
         overrides = [f"output_dir={out_root / name}", f"loss.name={name}", f"train.steps={args.steps}",
                      f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro_batch}",
                      f"data.block_chars={args.block_chars}", f"data.max_tokens={args.max_tokens}", f"train.lr={args.lr}",
-                     f"train.warmup_steps={args.warmup}", "train.eval_every=0", f"train.eval_max_bytes={args.eval_bytes}",
+                     f"train.warmup_steps={args.warmup}", f"train.eval_every={args.eval_every}", f"train.eval_max_bytes={args.eval_bytes}",
                      "train.checkpoint_every=0", "train.threads=1", "train.seed=0", "train.progress=false",
                      f"train.eval_at_start={'true' if i == 0 else 'false'}", *args.set]
         cfg = load_config(DistillConfig, ROOT / "recipes" / "distill_gemma3_to_smollm2.yaml", overrides)
@@ -206,6 +206,43 @@ def run_budget(args) -> None:
                           "heldout_bpb_end": r.heldout_bpb_end, "final_train_ce": tr[-1]["ce"] if tr else None,
                           "seconds": round(time.time() - t0, 1), "threads": 1}), flush=True)
     print(json.dumps({"benchmark": "distill_fixed_budget_total", "seconds": round(time.time() - t_all, 1)}), flush=True)
+    if args.plot:
+        plot_budget(out_root, args.losses, Path(args.plot))
+
+
+def plot_budget(out_root: Path, losses: list[str], png: Path) -> Path | None:
+    """One PNG for the whole comparison: student CE (left) and held-out bits/byte (right) per loss, over steps.
+
+    Reads each run's ``metrics.jsonl`` (the trainer's own log, the same rows its per-run ``metrics.png`` shows).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    start = None
+    for name in losses:
+        path = out_root / name / "metrics.jsonl"
+        if not path.exists():
+            continue
+        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        tr = [r for r in rows if r.get("event") == "train"]
+        ev = [r for r in rows if r.get("event") == "eval"]
+        start = next((r["heldout_bpb"] for r in ev if r["step"] == 0), start)
+        if start is not None and not any(r["step"] == 0 for r in ev):
+            ev = [{"step": 0, "heldout_bpb": start}] + ev
+        axes[0].plot([r["step"] for r in tr], [r["ce"] for r in tr], label=name, lw=1.2)
+        axes[1].plot([r["step"] for r in ev], [r["heldout_bpb"] for r in ev], marker="o", ms=3, label=name, lw=1.2)
+    axes[0].set_xlabel("step"); axes[0].set_ylabel("student CE (nats/token)"); axes[0].set_title("training batch CE")
+    axes[1].set_xlabel("step"); axes[1].set_ylabel("bits/byte"); axes[1].set_title("held-out bits/byte (student)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Gemma-3-270M → SmolLM2-135M, German, fixed budget", fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
 
 
 def main() -> None:
@@ -228,6 +265,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--eval-bytes", type=int, default=8000)
+    p.add_argument("--eval-every", type=int, default=4, help="held-out bits/byte every N steps (for the plot)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="--part budget: write the comparison plot here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe overrides for every run of --part budget (e.g. loss.ce_weight=1.0)")
     args = p.parse_args()

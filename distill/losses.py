@@ -104,7 +104,8 @@ class LossParams:
     uld_topk: int = 8192
     uld_weight: float = 1.0
     hkl_threshold: float = 0.6
-    rest_column: bool = True  # pkl/hkl/gold: match the mass outside the compared columns as one extra column
+    rest_column: bool = False  # pkl/hkl/gold: match the mass outside the compared columns as one extra column
+    mass_weight: bool = True  # pkl/hkl/gold without rest column: weight chunks by the teacher's compared mass
 
 
 @dataclass
@@ -158,6 +159,20 @@ def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def with_rest(x: torch.Tensor) -> torch.Tensor:
     """Append one column with the mass outside ``x``'s columns (rows of x sum to ≤ 1)."""
     return torch.cat([x, (1.0 - x.sum(-1, keepdim=True)).clamp_min(0)], dim=-1)
+
+
+def weighted_chunk_mean(d: torch.Tensor, mass: torch.Tensor, has: torch.Tensor, mass_weight: bool) -> torch.Tensor:
+    """Mean of per-chunk divergences ``d (C,)`` over chunks with teacher mass (``has``).
+
+    With ``mass_weight`` each chunk counts with the teacher's mass ``m_c`` on the compared
+    columns: ``Σ m_c d_c / Σ m_c``. By the chain rule of KL,
+    ``KL(p ‖ q) = KL([m, 1−m] ‖ [q_K, 1−q_K]) + m·KL(p̃_K ‖ q̃_K) + (1−m)·KL(p̃_rest ‖ q̃_rest)``:
+    this keeps the conditional term of the part of the teacher's distribution the student can
+    express (``m·KL(p̃_K ‖ q̃_K)``) and drops the split term, which would make the student copy the
+    teacher's mass on tokens it cannot express (a long teacher word) onto arbitrary tokens of its own.
+    """
+    w = mass.detach() * has if mass_weight else has.to(d.dtype)
+    return (d * w).sum() / w.sum().clamp_min(EPS)
 
 
 def uld_distance(s_vals: torch.Tensor, s_tail: torch.Tensor, t_vals: torch.Tensor, t_tail: torch.Tensor) -> torch.Tensor:
@@ -347,10 +362,11 @@ class PKLLoss(KDLoss):
         if self.p.rest_column:
             d = divergence(with_rest(pc), with_rest(qc), self.p.direction)
             return d.mean()
+        mass = pc.sum(-1)  # (C,) teacher mass on the compared columns
         qc, _ = normalize_rows(qc)
         pc, has = normalize_rows(pc)
         d = divergence(pc, qc, self.p.direction)
-        return (d * has).sum() / has.sum().clamp_min(1)
+        return weighted_chunk_mean(d, mass, has, self.p.mass_weight)
 
 
 @register_loss("tkl")
@@ -397,21 +413,23 @@ class _PairedLoss(KDLoss):
         p_s = torch.softmax(batch.student_logits.float() / self.p.temperature, dim=-1)
         qc = chunk_mean(p_s[:, c.pairs_s], batch.student_chunk, batch.n_chunks)
         pc = chunk_mean(batch.teacher.probs_at(c.pairs_t), batch.teacher_chunk, batch.n_chunks)
+        mass = pc.sum(-1)
         if self.p.rest_column:
             qc, pc = with_rest(qc), with_rest(pc)
             if not batch.teacher.dense:  # a cached teacher lacks its tail: renormalize what is known
                 pc, _ = normalize_rows(pc)
+            paired = self.paired_term(pc, qc).mean()
         else:
             qc, _ = normalize_rows(qc)
-            pc, _ = normalize_rows(pc)
-        paired = self.paired_term(pc, qc)
+            pc, has = normalize_rows(pc)
+            paired = weighted_chunk_mean(self.paired_term(pc, qc), mass, has, self.p.mass_weight)
         sv, st = student_sorted_topk(p_s, self.p.uld_topk, c.mask_s)
         tv, tt = batch.teacher.sorted_topk(self.p.uld_topk, c.mask_t)
         rest = uld_distance(chunk_mean(sv, batch.student_chunk, batch.n_chunks),
                             chunk_mean(st[:, None], batch.student_chunk, batch.n_chunks)[:, 0],
                             chunk_mean(tv, batch.teacher_chunk, batch.n_chunks),
                             chunk_mean(tt[:, None], batch.teacher_chunk, batch.n_chunks)[:, 0])
-        return paired.mean() + self.p.uld_weight * rest.mean()
+        return paired + self.p.uld_weight * rest.mean()
 
 
 @register_loss("hkl")

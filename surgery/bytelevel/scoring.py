@@ -65,16 +65,17 @@ class ScoreResult:
 
 
 def _logsumexp_at(k: np.ndarray, v: np.ndarray, size: int) -> np.ndarray:
-    """``out[i] = log Σ exp(v[k == i])`` (``-inf`` where nothing lands)."""
-    out = np.full(size, -np.inf)
+    """``out[i] = log Σ exp(v[k == i])`` (``-inf`` where nothing lands); ``v`` may be ``(N,)`` or ``(N, C)``."""
+    out = np.full((size,) + v.shape[1:], -np.inf)
     if len(k) == 0:
         return out
     np.maximum.at(out, k, v)
     ref = np.where(np.isfinite(out), out, 0.0)
-    acc = np.zeros(size)
-    np.add.at(acc, k, np.exp(v - ref[k]))
+    acc = np.zeros(out.shape)
+    with np.errstate(invalid="ignore"):
+        np.add.at(acc, k, np.exp(v - ref[k]))
     with np.errstate(divide="ignore"):
-        return np.where(acc > 0, ref + np.log(acc), -np.inf)
+        return np.where(acc > 0, ref + np.log(np.where(acc > 0, acc, 1.0)), -np.inf)
 
 
 class _Items:
@@ -280,16 +281,14 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
                 if full:
                     dk.append(k)
                     dv.append((logp[i], node_item[i], j))
-        sl = slice(k_first, k_last + 1)
-        num[sl] = _logsumexp_at(np.asarray(kn, dtype=np.int64), np.asarray(vn), k_hi + 1)[sl]
-        norm[sl] = _logsumexp_at(np.asarray(kz, dtype=np.int64), np.asarray(vz), k_hi + 1)[sl]
+        sl, width = slice(k_first, k_last + 1), k_last + 1 - k_first  # terms land on this tree's prefixes only
+        num[sl] = _logsumexp_at(np.asarray(kn, dtype=np.int64) - k_first, np.asarray(vn), width)
+        norm[sl] = _logsumexp_at(np.asarray(kz, dtype=np.int64) - k_first, np.asarray(vz), width)
         if full and dk:
-            kk = np.asarray(dk, dtype=np.int64)
+            kk = np.asarray(dk, dtype=np.int64) - k_first
             with np.errstate(divide="ignore"):
                 vals = np.stack([w + np.log(rows_at[(it, j)]) for w, it, j in dv])
-            for c in range(257):
-                col = _logsumexp_at(kk, vals[:, c], k_hi + 1)
-                dists[sl, c] = col[sl]
+            dists[sl] = _logsumexp_at(kk, vals, width)
         for k, nodes in special.items():  # the next byte decides which readings of the split points count
             points = tuple(sorted(splits[k]))
             decisions = blm.canon.split_decisions(z[:k], starts[k], points)
