@@ -106,7 +106,8 @@ def main() -> None:
         t_byte = time.time() - t0
         byte_bpb = -r.logprob / math.log(2) / len(data)
         emit(figure="bits_per_byte", model=name, device=args.device, threads=torch.get_num_threads(), text=TEXT.name,
-             text_bytes=len(data), token_level=round(tok_bpb, 4), byte_level=round(byte_bpb, 4), ratio=round(byte_bpb / tok_bpb, 4),
+             text_bytes=len(data), token_level=round(tok_bpb, 4), byte_level=round(byte_bpb, 4),
+             ratio=round(byte_bpb / tok_bpb, 4),
              seconds_token=round(t_tok, 1), seconds_byte=round(t_byte, 1), time_ratio=round(t_byte / t_tok, 2),
              trunk_tokens=r.n_trunk, branch_tokens=r.n_branch, windows=r.n_windows)
         if args.full_text and name == args.models[0]:

@@ -138,3 +138,24 @@ def test_tree_attention_equals_plain_forward(impl):
         with torch.no_grad():
             lc = torch.log_softmax(m(torch.tensor([b + [40]])).logits[0, -1], -1)
         assert torch.allclose(cache.logp[s3], lc, atol=1e-5) and remap[s2] < s2, name
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_forward_window_chunks_see_only_their_trunk_prefix(impl):
+    """Branch trees at several attach points, split into chunks (run latest first, the cache cut at each
+    chunk's last attach point): every branch token gets the hidden state of a plain forward of its path."""
+    for name, m in _models():
+        m.config._attn_implementation = impl
+        trunk = [1, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+        T = len(trunk)
+        # (token, parent): trees at trunk 1, 4 (two tokens deep), 4 again, 8, and 2 (listed out of order)
+        branches = [(30, 1), (31, 4), (32, T + 1), (33, 4), (34, 8), (35, T + 4), (36, 2)]
+        ht, hb = forward_window(m, trunk, branches, chunk=2)
+        paths = []
+        for t, p in branches:
+            paths.append((paths[p - T] if p >= T else trunk[: p + 1]) + [t])
+        with torch.no_grad():
+            assert torch.allclose(logits_from_hidden(m, ht), m(torch.tensor([trunk])).logits[0], atol=1e-5), name
+            for path, h in zip(paths, hb):
+                ref = m(torch.tensor([path])).logits[0, -1]
+                assert torch.allclose(logits_from_hidden(m, h[None])[0], ref, atol=1e-5), (name, path)
