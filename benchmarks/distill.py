@@ -46,19 +46,26 @@ name, top_k, uld_topk, n_pos, micro, align_path, reps = sys.argv[1], int(sys.arg
 VS, VT = 49152, 262144
 vs = VT if name == "kl" else VS
 ctx = LossContext(vs, VT)
-if name in ("pkl", "hkl", "gold", "tkl"):
+if name in ("pkl", "pkl-t2s", "hkl", "gold", "tkl"):
     import scipy.sparse as sp
     d = np.load(align_path)
     W = sp.csr_matrix((d["data"], d["indices"], d["indptr"]), shape=tuple(d["shape"]))
     if name == "tkl":
         Wts = sp.csr_matrix((d["r_data"], d["r_indices"], d["r_indptr"]), shape=tuple(d["r_shape"]))
         ctx = LossContext(VS, VT, projection=Projection.rows_of(Wts))
-    elif name == "pkl":
+    elif name in ("pkl", "pkl-t2s"):
         ctx = LossContext(VS, VT, projection=Projection(W))
     else:
         ctx = LossContext.with_pairs(VS, VT, d["pairs_s"] if name == "hkl" else d["exact_s"],
                                      d["pairs_t"] if name == "hkl" else d["exact_t"], "cpu")
-loss = make_loss(name, LossParams(top_k=top_k, uld_topk=uld_topk), ctx)
+project = "student_to_teacher"
+if name == "pkl-t2s":  # pkl with the teacher projected onto first student pieces (auto on Gemma-3 -> SmolLM2)
+    import scipy.sparse as sp
+    d = np.load(align_path)
+    F = sp.csr_matrix((d["f_data"], d["f_indices"], d["f_indptr"]), shape=tuple(d["f_shape"]))
+    ctx.down_projection = Projection.rows_of(F)
+    name, project = "pkl", "teacher_to_student"
+loss = make_loss(name, LossParams(top_k=top_k, uld_topk=uld_topk, project=project), ctx)
 g = torch.Generator().manual_seed(0)
 def batch():
     if name == "kl":  # one tokenizer: every chunk is one position on each side
@@ -115,13 +122,18 @@ def save_alignment_arrays(path: Path) -> None:
     es, et = exact_pairs(sv, tv)
     W = P.matrix.tocsr()
     R = build_projection(tv, sv).matrix.tocsr()  # teacher rows, for tkl
+    from distill.losses import first_piece_projection
+
+    Fp = first_piece_projection(tv, sv).matrix.tocsr()  # teacher rows, first pieces: pkl teacher→student
     np.savez(path, data=W.data, indices=W.indices, indptr=W.indptr, shape=np.array(W.shape), pairs_s=ps, pairs_t=pt,
-             exact_s=es, exact_t=em[et], r_data=R.data, r_indices=R.indices, r_indptr=R.indptr, r_shape=np.array(R.shape))
+             exact_s=es, exact_t=em[et], r_data=R.data, r_indices=R.indices, r_indptr=R.indptr, r_shape=np.array(R.shape),
+             f_data=Fp.data, f_indices=Fp.indices, f_indptr=Fp.indptr, f_shape=np.array(Fp.shape))
     print(json.dumps({"benchmark": "distill_projection", "V_s": W.shape[0], "V_t": W.shape[1], "nnz": int(W.nnz),
                       "hkl_pairs": int(len(ps)), "exact_pairs": int(len(es))}), flush=True)
 
 
-COST_CASES = [("kl", 8192, 0), ("uld-exact", 0, 0), ("pkl", 8192, 0), ("tkl", 8192, 0), ("hkl", 0, 8192),
+COST_CASES = [("kl", 8192, 0), ("uld-exact", 0, 0), ("pkl", 8192, 0), ("pkl-t2s", 8192, 0), ("tkl", 8192, 0),
+              ("hkl", 0, 8192),
               ("gold", 0, 8192), ("uld", 0, 8192), ("pkl", 1024, 0), ("pkl", 32768, 0)]
 
 
@@ -143,13 +155,13 @@ def run_cost(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         align = Path(tmp) / "align.npz"
         cases = [c for c in COST_CASES if not (args.skip_exact_uld and c[0] == "uld-exact")]
-        if args.cases:
-            cases = [c for c in cases if c[0] in args.cases]
-        if any(c[0] in ("pkl", "tkl", "hkl", "gold") for c in cases):
+        if args.cases:  # "pkl" = every pkl case, "pkl@8192" = that top_k only
+            cases = [c for c in cases if c[0] in args.cases or f"{c[0]}@{c[1] or c[2]}" in args.cases]
+        if any(c[0] in ("pkl", "pkl-t2s", "tkl", "hkl", "gold") for c in cases):
             save_alignment_arrays(align)
         ref = _reference_seconds(args.reference)
         for label, k, uk in cases:
-            name = "uld" if label == "uld-exact" else label
+            name = "uld" if label == "uld-exact" else label  # pkl-t2s: the child switches to pkl
             exact = label == "uld-exact"
             n_pos = args.micro if exact else args.positions  # the exact sort is slow: one micro-batch, scaled
             reps = 1 if exact else args.reps
@@ -163,7 +175,7 @@ def run_cost(args) -> None:
             secs = d["seconds"] * (args.positions / n_pos)
             row = {"benchmark": "distill_loss_cost", "loss": label,
                    "V_s": VT if name == "kl" else VS, "V_t": VT, "positions": args.positions, "micro_batch": args.micro,
-                   "top_k": k if name in ("pkl", "tkl") else None, "uld_topk": uk if name in ("uld", "hkl", "gold") else None,
+                   "top_k": k if name in ("pkl", "pkl-t2s", "tkl") else None, "uld_topk": uk if name in ("uld", "hkl", "gold") else None,
                    "seconds_per_step": round(secs, 3), "peak_rss_gib": d["peak_rss_gib"],
                    "loss_extra_rss_gib": d["loss_extra_rss_gib"],
                    "extrapolated_from_positions": n_pos if n_pos != args.positions else None, "threads": 1}
@@ -186,7 +198,7 @@ def run_budget(args) -> None:
     t_all = time.time()
     start = None
     for i, name in enumerate(args.losses):
-        overrides = [f"output_dir={out_root / name}", f"loss.name={name}", f"train.steps={args.steps}",
+        overrides = [f"output_dir={out_root / (name + args.tag)}", f"loss.name={name}", f"train.steps={args.steps}",
                      f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro_batch}",
                      f"data.block_chars={args.block_chars}", f"data.max_tokens={args.max_tokens}", f"train.lr={args.lr}",
                      f"train.warmup_steps={args.warmup}", f"train.eval_every={args.eval_every}", f"train.eval_max_bytes={args.eval_bytes}",
@@ -200,14 +212,14 @@ def run_budget(args) -> None:
         rows = [json.loads(l) for l in (r.output_dir / "metrics.jsonl").read_text().splitlines()]
         tr = [x for x in rows if x.get("event") == "train"]
         print(json.dumps({"benchmark": "distill_fixed_budget", "teacher": "gemma3-270m", "student": "smollm2-135m",
-                          "text": "debian-reference.de", "loss": name, "steps": args.steps,
+                          "text": "debian-reference.de", "loss": name + args.tag, "steps": args.steps,
                           "blocks_per_step": args.batch, "max_tokens": args.max_tokens, "lr": args.lr,
                           "heldout_bytes": args.eval_bytes, "overrides": args.set, "heldout_bpb_start": start,
                           "heldout_bpb_end": r.heldout_bpb_end, "final_train_ce": tr[-1]["ce"] if tr else None,
                           "seconds": round(time.time() - t0, 1), "threads": 1}), flush=True)
     print(json.dumps({"benchmark": "distill_fixed_budget_total", "seconds": round(time.time() - t_all, 1)}), flush=True)
     if args.plot:
-        plot_budget(out_root, args.losses, Path(args.plot))
+        plot_budget(out_root, [n + args.tag for n in args.losses], Path(args.plot))
 
 
 def plot_budget(out_root: Path, losses: list[str], png: Path) -> Path | None:
@@ -223,7 +235,7 @@ def plot_budget(out_root: Path, losses: list[str], png: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     start = None
     for name in losses:
-        path = out_root / name / "metrics.jsonl"
+        path = out_root / name / "metrics.jsonl"  # name may carry a --tag suffix
         if not path.exists():
             continue
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
@@ -247,7 +259,8 @@ def plot_budget(out_root: Path, losses: list[str], png: Path) -> Path | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["cost", "budget", "all"], default="all")
+    p.add_argument("--part", choices=["cost", "budget", "all", "plot"], default="all",
+                   help="plot: only redraw --plot from the run folders of --losses (with their --tag)")
     p.add_argument("--positions", type=int, default=4096)
     p.add_argument("--micro", type=int, default=512)
     p.add_argument("--reps", type=int, default=1)
@@ -262,9 +275,10 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--block-chars", type=int, default=400)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--eval-bytes", type=int, default=8000)
+    p.add_argument("--tag", default="", help="--part budget: suffix of the run folders and loss labels (variants)")
     p.add_argument("--eval-every", type=int, default=4, help="held-out bits/byte every N steps (for the plot)")
     p.add_argument("--plot", default=None, metavar="PNG", help="--part budget: write the comparison plot here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -275,6 +289,9 @@ def main() -> None:
         run_cost(args)
     if args.part in ("budget", "all"):
         run_budget(args)
+    if args.part == "plot":
+        plot_budget(ROOT / "artifacts" / "runs" / "bench-distill", [n + args.tag for n in args.losses],
+                    Path(args.plot or ROOT / "docs" / "distill_budget.png"))
 
 
 if __name__ == "__main__":

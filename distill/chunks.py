@@ -195,3 +195,33 @@ def position_chunks(token_chunks: np.ndarray) -> np.ndarray:
     out = np.full_like(token_chunks, -1)
     out[:, :-1] = token_chunks[:, 1:]
     return out
+
+
+def exact_chunks(al: ChunkAlignment, ids_a: np.ndarray, ids_b: np.ndarray, surfaces_a, surfaces_b) -> np.ndarray:
+    """``(C,)`` bool: chunks made of one token on each side with identical canonical bytes.
+
+    These are the chunks where both sides predict the same event (the X-Token reference's
+    ``exact_token_match_only`` pairs); in a chunk like ``Konfiguration`` = ``▁Konfiguration`` (teacher)
+    against ``ĠKon`` + ``fig`` + ``uration`` (student) the two next-token distributions are over
+    different events.
+
+    Args:
+        al: the alignment of the batch.
+        ids_a, ids_b: ``(B, La)`` / ``(B, Lb)`` token ids of the two sides (the tokens ``al`` aligned).
+        surfaces_a, surfaces_b: canonical surfaces per id (``Vocabulary.surfaces``).
+    """
+    C = al.n_chunks
+    out = np.zeros(C, dtype=bool)
+    if C == 0:
+        return out
+    ca, cb = al.chunk_a.reshape(-1), al.chunk_b.reshape(-1)
+    ia, ib = np.asarray(ids_a).reshape(-1), np.asarray(ids_b).reshape(-1)
+    na = np.bincount(ca[ca >= 0], minlength=C)
+    nb = np.bincount(cb[cb >= 0], minlength=C)
+    tok_a = np.full(C, -1, dtype=np.int64)
+    tok_b = np.full(C, -1, dtype=np.int64)
+    tok_a[ca[ca >= 0]] = ia[ca >= 0]
+    tok_b[cb[cb >= 0]] = ib[cb >= 0]
+    for c in np.flatnonzero((na == 1) & (nb == 1)):
+        out[c] = surfaces_a[tok_a[c]] == surfaces_b[tok_b[c]]
+    return out

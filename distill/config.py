@@ -72,8 +72,9 @@ class LossConfig:
     temperature: float = field(default=1.0, metadata=_h("softmax temperature of both sides; terms scaled by T^2"))
     direction: Literal["forward", "reverse"] = field(default="forward", metadata=_h(
         "forward: KL(teacher || student); reverse: KL(student || teacher)"))
-    ce_weight: float = field(default=0.1, metadata=_h(
-        "weight of the student's own cross-entropy (name=ce trains on the plain cross-entropy)"))
+    ce_weight: float = field(default=1.0, metadata=_h(
+        "weight of the student's own cross-entropy (name=ce trains on the plain cross-entropy); with rescale_kd "
+        "the X-Token reference adds the full CE (its CE scale 0.1 applies only without rescaling)"))
     kd_weight: float = field(default=1.0, metadata=_h("weight of the distillation term"))
     rescale_kd: bool = field(default=True, metadata=_h(
         "multiply each distillation term by CE/KD (detached) so it has the magnitude of CE"))
@@ -82,9 +83,25 @@ class LossConfig:
         "uld/hkl/gold: sorted entries compared (rest summarized by its mass); 0 = exact full sort"))
     uld_weight: float = field(default=1.0, metadata=_h("hkl/gold: weight of the ULD term on the rest"))
     hkl_threshold: float = field(default=0.6, metadata=_h("hkl: minimum projection weight for a token pair"))
-    rest_column: bool = field(default=True, metadata=_h(
-        "pkl/hkl/gold: also match the mass outside the compared columns (false: renormalize on them, "
-        "as the X-Token reference)"))
+    rest_column: bool = field(default=False, metadata=_h(
+        "pkl/hkl/gold: also match the mass outside the compared columns as one extra column (false: renormalize "
+        "on them, as the X-Token reference; the extra column makes the student copy the teacher's mass on tokens "
+        "it cannot express onto unrelated tokens of its own)"))
+    mass_weight: bool = field(default=True, metadata=_h(
+        "pkl/hkl/gold with rest_column=false: weight each chunk by the teacher's mass on the compared columns "
+        "(the chain-rule term of KL for the part of the teacher's distribution the student can express)"))
+    project: Literal["auto", "student_to_teacher", "teacher_to_student"] = field(default="auto", metadata=_h(
+        "pkl: which distribution goes through a projection. student_to_teacher: q = Wᵀ p_s in the teacher's "
+        "vocabulary (ALGORITHMS.md); teacher_to_student: the teacher mapped onto the first student token of each "
+        "of its tokens (X-Token's project_teacher_to_student); auto: per batch, the side that used fewer tokens "
+        "for the text (longer tokens) is projected onto the other's vocabulary"))
+    expressible_rest: bool = field(default=True, metadata=_h(
+        "pkl: condition the teacher on the columns some student token maps to and compare on the top-k columns "
+        "plus one column for the rest of those (so the student cannot leak mass outside the top-k, and is not asked "
+        "to copy the teacher's mass on tokens it cannot express); false: rest_column / renormalize"))
+    exact_chunks_only: bool = field(default=False, metadata=_h(
+        "pkl: compare only chunks of one token with identical bytes on each side (X-Token's "
+        "exact_token_match_only); elsewhere the two next-token distributions are over different events"))
     chunk_positions: Literal["first", "mean"] = field(default="first", metadata=_h(
         "first: compare each chunk's first position on both sides (same byte context, both predict what "
         "starts at the chunk); mean: average each side's distributions over the chunk's positions (X-Token)"))

@@ -10,22 +10,37 @@ only its first position on each side (``first``, the default: both see exactly t
 bytes before the chunk and predict what starts there), in which case every chunk
 is one student row against one teacher row.
 
-- ``pkl`` — projected KL. The student distribution is mapped into teacher space,
+- ``pkl`` — projected KL. Which side goes through a projection is ``project``: ``auto`` (default)
+  projects the *coarser* side — the one that spelled the batch's text in fewer tokens — onto the
+  finer side's vocabulary. At a chunk's first position the coarse side's next token (Gemma-3's
+  ``▁Konfiguration``) is a union of the fine side's events (SmolLM2's next token is ``ĠKon``), not
+  the other way round, so only that direction compares like with like. Teacher coarser
+  (``teacher_to_student``, X-Token's ``project_teacher_to_student``): the teacher's top-k columns are
+  mapped onto the first student token of each (:func:`first_piece_projection`) and compared with
+  the student's own distribution (:func:`projected_teacher_kl`). Student coarser
+  (``student_to_teacher``, ALGORITHMS.md §5): the student distribution is mapped into teacher space,
   ``q = Wᵀ softmax(z_s / T)`` with the core's projection ``W (V_s, V_t)``, only on a
   set of ``top_k`` teacher columns: the columns with the most teacher mass in the
   batch among those some student token maps to. ``q`` is computed as
   ``p_s @ W[:, K]`` with the sparse ``(V_s, K)`` column block of ``W`` (never a dense
   ``B×T×V_s×V_t`` or ``V_s×V_t`` tensor). KL(teacher ‖ student) (``forward``) or
-  KL(student ‖ teacher) (``reverse``) over ``K`` plus one "rest" column holding each side's
-  mass outside ``K`` (``rest_column``, default). Without it both sides are renormalized on ``K``
-  as in the X-Token reference — a KL that is blind to how much mass the student moves
-  outside ``K``; with a small CE weight and a 262k teacher vocabulary (top-2048 columns hold
-  about 2/3 of the teacher's mass on German text) the student then leaks probability out of
-  ``K`` and its held-out bits/byte get worse.
+  KL(student ‖ teacher) (``reverse``) over ``K`` plus one column for the other teacher columns
+  some student token reaches, with the teacher conditioned on those reachable columns
+  (``expressible_rest``, default): both sides are then distributions over the same events, the
+  student cannot leak mass outside ``K`` unnoticed, and it is not asked to copy the teacher's mass
+  on tokens it cannot express; chunks are weighted by that teacher mass (``mass_weight``, see
+  :func:`weighted_chunk_mean`). ``expressible_rest=false``: renormalize both sides on ``K`` (the
+  X-Token reference) or, with ``rest_column=true``, add a column with *all* mass outside ``K``.
+  The latter was the old default and is harmful when the teacher has longer tokens (Gemma-3's 262k
+  vocabulary on German against SmolLM2's 49k): about a third of the teacher's mass sits on tokens
+  no student token maps to (``▁Konfiguration`` where the student writes ``ĠKon`` + ...), and the
+  student had to put that third on whatever student tokens map outside ``K`` — rare, unrelated
+  tokens — so its held-out bits/byte got *worse* than at the start (1.803 → 1.826).
 - ``hkl`` — hybrid. Student tokens whose best ``W`` entry is ≥ ``hkl_threshold`` pair
   one-to-one with that teacher token (:func:`surgery.vocab.projection.hkl_pairs`). KL on
-  the paired columns plus one "everything else" column (so the paired mass itself is
-  matched), plus ``uld_weight`` × ULD on the unpaired rest of both vocabularies.
+  the paired columns (renormalized and mass-weighted like ``pkl``; ``rest_column=true``: plus
+  one "everything else" column, with the same defect), plus ``uld_weight`` × ULD on the
+  unpaired rest of both vocabularies.
 - ``uld`` — Universal Logit Distillation (Boizard et al.): L1 distance between the
   descending-sorted probability vectors.
 - ``gold`` — TRL GOLD's hybrid: exact matches get Jensen–Shannon divergence, the rest
@@ -106,6 +121,9 @@ class LossParams:
     hkl_threshold: float = 0.6
     rest_column: bool = False  # pkl/hkl/gold: match the mass outside the compared columns as one extra column
     mass_weight: bool = True  # pkl/hkl/gold without rest column: weight chunks by the teacher's compared mass
+    exact_chunks_only: bool = False  # pkl: compare only chunks of one identical token on each side
+    expressible_rest: bool = True  # pkl: teacher conditioned on the columns the student reaches, + one rest column
+    project: str = "auto"  # pkl: student_to_teacher | teacher_to_student | auto (the coarser side onto the finer)
 
 
 @dataclass
@@ -118,6 +136,8 @@ class ChunkedBatch:
         teacher: :class:`TeacherDist` with ``N_t`` rows.
         teacher_chunk: ``(N_t,)`` long chunk id of each teacher row.
         n_chunks: number of chunks C (ids ``0..C-1``; every chunk has ≥ 1 position per side).
+        chunk_exact: ``(C,)`` bool, chunks of one identical token on each side (optional; ``pkl`` with
+            ``exact_chunks_only`` compares only those).
     """
 
     student_logits: torch.Tensor
@@ -125,6 +145,8 @@ class ChunkedBatch:
     teacher: TeacherDist
     teacher_chunk: torch.Tensor
     n_chunks: int
+    chunk_exact: torch.Tensor | None = None  # (C,) bool: one identical token on each side (distill.chunks.exact_chunks)
+    teacher_coarser: bool | None = None  # the teacher used fewer tokens than the student for this text
 
 
 # -- shared pieces --------------------------------------------------------------------------------
@@ -289,6 +311,7 @@ class LossContext:
     pairs_t: torch.Tensor | None = None
     mask_s: torch.Tensor | None = None  # (V_s,) bool, True on paired columns
     mask_t: torch.Tensor | None = None
+    down_projection: Projection | None = None  # pkl, teacher_to_student: teacher rows → first student piece
 
     @staticmethod
     def with_pairs(student_size, teacher_size, ids_s, ids_t, device, projection=None) -> "LossContext":
@@ -345,26 +368,55 @@ class PKLLoss(KDLoss):
 
     needs = "projection"
 
-    def select_columns(self, teacher: TeacherDist) -> torch.Tensor:
-        mass = teacher.column_mass()
+    def select_columns(self, teacher: TeacherDist, mass: torch.Tensor | None = None) -> torch.Tensor:
+        mass = teacher.column_mass() if mass is None else mass
         reach = self.ctx.projection.reachable
         mass = torch.where(reach, mass, torch.full_like(mass, -1.0))
         k = min(self.p.top_k, int(reach.sum()))
         return torch.topk(mass, k).indices
 
+    def teacher_to_student(self, batch: ChunkedBatch) -> bool:
+        if self.p.project == "teacher_to_student":
+            return True
+        return (self.p.project == "auto" and bool(batch.teacher_coarser)
+                and self.ctx.down_projection is not None)
+
     def forward(self, batch: ChunkedBatch) -> torch.Tensor:
-        cols = self.select_columns(batch.teacher)
+        if self.teacher_to_student(batch):
+            if self.ctx.down_projection is None:
+                raise ValueError("pkl with project=teacher_to_student needs LossContext.down_projection")
+            keep = batch.chunk_exact if self.p.exact_chunks_only else None
+            return projected_teacher_kl(self, batch, self.ctx.down_projection, keep)
+        if self.p.expressible_rest:
+            col_mass, row_mass = batch.teacher.masses(self.ctx.projection.reachable)
+            cols = self.select_columns(batch.teacher, col_mass)
+        else:
+            cols = self.select_columns(batch.teacher)
         p_s = torch.softmax(batch.student_logits.float() / self.p.temperature, dim=-1)
         q = self.ctx.projection.project(p_s, cols)  # (N_s, K)
         pt = batch.teacher.probs_at(cols)  # (N_t, K)
         qc = chunk_mean(q, batch.student_chunk, batch.n_chunks)
         pc = chunk_mean(pt, batch.teacher_chunk, batch.n_chunks)
+        if self.p.expressible_rest:
+            # The teacher conditioned on what the student can express (the columns some student token maps
+            # to), so both sides are distributions over the same events: K plus "an expressible column
+            # outside K". Every student token maps into those columns, so the student's rest column is the
+            # mass it moves outside K, and the teacher (whose mass there is small) penalizes that leak.
+            mc = chunk_mean(row_mass[:, None], batch.teacher_chunk, batch.n_chunks)[:, 0]  # (C,)
+            has = mc > 0
+            pc = pc / mc.clamp_min(EPS)[:, None]
+            if self.p.exact_chunks_only and batch.chunk_exact is not None:
+                has = has & batch.chunk_exact.to(has.device)
+            d = divergence(with_rest(pc), with_rest(qc), self.p.direction)
+            return weighted_chunk_mean(d, mc, has, self.p.mass_weight)
         if self.p.rest_column:
             d = divergence(with_rest(pc), with_rest(qc), self.p.direction)
             return d.mean()
         mass = pc.sum(-1)  # (C,) teacher mass on the compared columns
         qc, _ = normalize_rows(qc)
         pc, has = normalize_rows(pc)
+        if self.p.exact_chunks_only and batch.chunk_exact is not None:
+            has = has & batch.chunk_exact.to(has.device)
         d = divergence(pc, qc, self.p.direction)
         return weighted_chunk_mean(d, mass, has, self.p.mass_weight)
 
@@ -384,22 +436,35 @@ class TKLLoss(KDLoss):
     needs = "reverse_projection"
 
     def forward(self, batch: ChunkedBatch) -> torch.Tensor:
-        P = self.ctx.projection  # rows: teacher, columns: student
-        mass = batch.teacher.column_mass()
-        mass = torch.where(P.row_mapped, mass, torch.full_like(mass, -1.0))
-        k = min(self.p.top_k, int(P.row_mapped.sum()))
-        cols = torch.topk(mass, k).indices
-        with torch.no_grad():
-            target = dense_times_sparse(batch.teacher.probs_at(cols), P.row_block(cols))  # (N_t, V_s)
-        pc, has = normalize_rows(chunk_mean(target, batch.teacher_chunk, batch.n_chunks))
-        logq = self.student_log_probs(batch)
-        if self.p.direction == "forward":
-            qc_log = torch.log(chunk_mean(logq.exp(), batch.student_chunk, batch.n_chunks).clamp_min(EPS))
-            d = torch.where(pc > 0, pc * (torch.log(pc.clamp_min(EPS)) - qc_log), torch.zeros_like(pc)).sum(-1)
-        else:
-            qc = chunk_mean(logq.exp(), batch.student_chunk, batch.n_chunks)
-            d = kl_rows(qc, pc)
-        return (d * has).sum() / has.sum().clamp_min(1)
+        return projected_teacher_kl(self, batch, self.ctx.projection)
+
+
+def projected_teacher_kl(loss: KDLoss, batch: ChunkedBatch, P: Projection,
+                         keep: torch.Tensor | None = None) -> torch.Tensor:
+    """KL between the teacher mapped into the student's vocabulary and the student (``tkl``; ``pkl`` teacher→student).
+
+    ``P`` wraps a teacher → student projection (:meth:`Projection.rows_of`, rows = teacher tokens).
+    The batch's ``top_k`` teacher columns by mass (among mapped rows) are mapped: ``p̃ = p_t[:, K] @ P[K]``,
+    renormalized per chunk and compared with the student's full distribution; ``keep (C,)`` (optional)
+    restricts the mean to those chunks.
+    """
+    mass = batch.teacher.column_mass()
+    mass = torch.where(P.row_mapped, mass, torch.full_like(mass, -1.0))
+    k = min(loss.p.top_k, int(P.row_mapped.sum()))
+    cols = torch.topk(mass, k).indices
+    with torch.no_grad():
+        target = dense_times_sparse(batch.teacher.probs_at(cols), P.row_block(cols))  # (N_t, V_s)
+    pc, has = normalize_rows(chunk_mean(target, batch.teacher_chunk, batch.n_chunks))
+    logq = loss.student_log_probs(batch)
+    if loss.p.direction == "forward":
+        qc_log = torch.log(chunk_mean(logq.exp(), batch.student_chunk, batch.n_chunks).clamp_min(EPS))
+        d = torch.where(pc > 0, pc * (torch.log(pc.clamp_min(EPS)) - qc_log), torch.zeros_like(pc)).sum(-1)
+    else:
+        qc = chunk_mean(logq.exp(), batch.student_chunk, batch.n_chunks)
+        d = kl_rows(qc, pc)
+    if keep is not None:
+        has = has & keep.to(has.device)
+    return (d * has).sum() / has.sum().clamp_min(1)
 
 
 class _PairedLoss(KDLoss):
@@ -586,8 +651,20 @@ def fold_columns(matrix, mapping: np.ndarray):
     return out
 
 
+def first_piece_projection(teacher_vocab, student_vocab):
+    """Teacher → student projection for ``pkl`` teacher→student: each teacher token onto the *first* student
+    token of its re-encoding (weight 1), its own id when the student has it (the core's projection with one
+    piece and no reverse pass). At a chunk's first position both models predict what starts there, so the
+    teacher's probability of ``▁Konfiguration`` is the probability that the student's next token is ``ĠKon``;
+    spreading 10% of it onto ``fig`` (X-Token's 0.9·0.1^i piece weights, which ``tkl`` keeps) would ask the
+    student to start a word with a word-internal piece."""
+    from surgery.vocab.projection import ProjectionConfig, build_projection
+
+    return build_projection(teacher_vocab, student_vocab, ProjectionConfig(max_pieces=1, reverse=False))
+
+
 def build_context(name: str, student_vocab, teacher_vocab, device, projection=None, hkl_threshold: float = 0.6,
-                  reverse_projection=None) -> LossContext:
+                  reverse_projection=None, project: str = "auto", down_projection=None) -> LossContext:
     """Prepare what loss ``name`` needs for one teacher/student pair.
 
     Args:
@@ -597,6 +674,8 @@ def build_context(name: str, student_vocab, teacher_vocab, device, projection=No
         projection: a prebuilt :class:`surgery.vocab.projection.Projection` (student → teacher);
             built from the vocabularies when None and needed.
         reverse_projection: for ``tkl``, a prebuilt teacher → student projection.
+        project: ``pkl``'s projection direction; unless ``student_to_teacher``, the first-piece teacher → student
+            projection (:func:`first_piece_projection`, or ``down_projection`` when given) is prepared too.
         hkl_threshold: H-KL pairing threshold.
 
     Raises:
@@ -614,7 +693,12 @@ def build_context(name: str, student_vocab, teacher_vocab, device, projection=No
         if projection is not None:  # mass on never-emitted duplicate columns goes to the emitted id
             projection = dataclasses.replace(projection, matrix=fold_columns(projection.matrix, emitted))
     if cls.needs == "projection":
-        return LossContext(Vs, Vt, projection=Projection(projection.matrix, device))
+        ctx = LossContext(Vs, Vt, projection=Projection(projection.matrix, device))
+        if name == "pkl" and project != "student_to_teacher":
+            down = down_projection if down_projection is not None else first_piece_projection(teacher_vocab,
+                                                                                               student_vocab)
+            ctx.down_projection = Projection.rows_of(down.matrix, device)
+        return ctx
     if cls.needs == "reverse_projection":
         if reverse_projection is None:
             reverse_projection = build_projection(teacher_vocab, student_vocab)

@@ -164,6 +164,22 @@ class TeacherDist:
         return out.index_add_(0, ids.reshape(-1), logp.exp().reshape(-1))
 
     @torch.no_grad()
+    def masses(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass: ``(V,)`` Σ over positions of p_T (as :meth:`column_mass`) and ``(N,)`` each row's mass on
+        the columns where ``cols (V,)`` (bool) is True (a cached teacher: its cached entries only)."""
+        out = torch.zeros(self.vocab_size, device=self.device)
+        cols = cols.to(self.device)
+        if self.dense:
+            rows = torch.zeros(self.n, device=self.device)
+            for a, b, p in self._dense_pass():
+                out += p.sum(0)
+                rows[a:b] = p @ cols.to(p.dtype)
+            return out, rows
+        ids, logp = self.sparse_log_probs()
+        p = logp.exp()
+        return out.index_add_(0, ids.reshape(-1), p.reshape(-1)), (p * cols[ids]).sum(-1)
+
+    @torch.no_grad()
     def sorted_topk(self, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Descending top-k probabilities and the remaining mass.
 

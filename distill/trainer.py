@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distill import distributed as dd
-from distill.chunks import align_chunks, position_chunks
+from distill.chunks import align_chunks, exact_chunks, position_chunks
 from distill.config import DistillConfig
 from distill.data import BlockOrder, blocks_fingerprint, encode_blocks, load_documents, make_blocks
 from distill.losses import ChunkedBatch, LossParams, build_context, combine, make_loss
@@ -171,7 +171,9 @@ def _load_teachers(cfg: DistillConfig, s_vocab, device, blocks, blocks_hash, out
 
     params = LossParams(temperature=cfg.loss.temperature, direction=cfg.loss.direction, top_k=cfg.loss.top_k,
                         uld_topk=cfg.loss.uld_topk, uld_weight=cfg.loss.uld_weight, hkl_threshold=cfg.loss.hkl_threshold,
-                        rest_column=cfg.loss.rest_column)
+                        rest_column=cfg.loss.rest_column, mass_weight=cfg.loss.mass_weight,
+                        exact_chunks_only=cfg.loss.exact_chunks_only, expressible_rest=cfg.loss.expressible_rest,
+                        project=cfg.loss.project)
     teachers = []
     for i, tc in enumerate(cfg.teachers):
         tok = load_tokenizer(tc.tokenizer or tc.model, trust_remote_code=tc.trust_remote_code)
@@ -182,7 +184,7 @@ def _load_teachers(cfg: DistillConfig, s_vocab, device, blocks, blocks_hash, out
 
             projection = load_alignment(tc.alignment, s_vocab, vocab)
         ctx = build_context(cfg.loss.name, s_vocab, vocab, device, projection=projection,
-                            hkl_threshold=cfg.loss.hkl_threshold)
+                            hkl_threshold=cfg.loss.hkl_threshold, project=cfg.loss.project)
         loss = make_loss(cfg.loss.name, params, ctx)
         cache = None
         model = None
@@ -274,7 +276,12 @@ def _micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, bloc
             stats = position_stats(tl, targets) if cfg.weighting.mode == "dynamic" else None
         dist = full.select(sel_t)
         dist.temperature = cfg.loss.temperature
-        batch = ChunkedBatch(flat_s[sel_s], ps[sel_s], dist, pt[sel_t], al.n_chunks)
+        exact = None
+        if cfg.loss.exact_chunks_only:
+            exact = torch.from_numpy(exact_chunks(al, s_enc.input_ids.cpu().numpy(), t_enc.input_ids.cpu().numpy(),
+                                                  s_vocab.surfaces, t.vocab.surfaces)).to(device)
+        coarser = int(t_enc.valid.sum()) < int(s_enc.valid.sum())  # the teacher spelled the text in fewer tokens
+        batch = ChunkedBatch(flat_s[sel_s], ps[sel_s], dist, pt[sel_t], al.n_chunks, exact, coarser)
         kd = t.loss(batch)
         kd_terms.append(kd)
         metrics[f"kd{t.index}"] = float(kd.detach())

@@ -173,3 +173,17 @@ def test_first_position_of_each_chunk():
     pos = np.array([[0, 0, 1, 2, 2, 2, -1], [3, -1, 4, 4, -1, -1, -1]])
     assert _keep_positions(pos, "first").tolist() == [0, -1, 1, 2, -1, -1, -1, 3, -1, 4, -1, -1, -1, -1]
     assert _keep_positions(pos, "mean").tolist() == pos.reshape(-1).tolist()
+
+
+def test_exact_chunks_one_identical_token_each_side():
+    from distill.chunks import exact_chunks
+
+    # side a: "Kon" "fig" " der" "."   side b: <bos> "Konfig" " der" ","   (same text up to the last byte)
+    surf_a = [b"Kon", b"fig", b" der", b"."]
+    surf_b = [b"", b"Konfig", b" der", b","]
+    ends_a = np.array([[3, 6, 10, 11]])
+    ends_b = np.array([[0, 6, 10, 11]])
+    al = align_chunks(ends_a, np.ones((1, 4), bool), ends_b, np.array([[False, True, True, True]]))
+    assert al.n_chunks == 3
+    got = exact_chunks(al, np.array([[0, 1, 2, 3]]), np.array([[0, 1, 2, 3]]), surf_a, surf_b)
+    assert got.tolist() == [False, True, False]  # Kon+fig vs Konfig; " der" = " der"; "." vs "," (same span)
