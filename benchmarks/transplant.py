@@ -43,6 +43,7 @@ METHODS = {
 }
 DONOR_OF = {"omp": {"gemma3-270m"}}  # omp only where the donor speaks the new tokenizer
 HEAL_LR = 2e-3
+HEAL_NEGATIVES = 1024
 
 
 def emit(d: dict) -> None:
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-texts", nargs="+", default=None, help="default: shipped train texts of --langs")
     ap.add_argument("--heal-method", default=None, help="method to heal (default: the best zero-shot of this run)")
     ap.add_argument("--heal-lr", type=float, default=HEAL_LR, help="learning rate of the healed rows")
+    ap.add_argument("--heal-negatives", type=int, default=HEAL_NEGATIVES,
+                    help="head rows of the most-favoured wrong tokens trained per step (0 = batch tokens only)")
     ap.add_argument("--heal-input-rows", action="store_true",
                     help="heal input and head rows (backward through the body) instead of head rows only; measured "
                          "worse per CPU minute (SmolLM2 <- Llama-3, 3000 held-out bytes per language)")
@@ -133,7 +136,8 @@ def main(argv=None) -> int:
             heal_texts = args.heal_texts or [str(TEXTS / f"debian-reference.{lang}.train.txt") for lang in args.langs]
             out = work / f"{pair}-{best}-healed"
             cfg = HealConfig(minutes=args.heal_minutes, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
-                             warmup=3, checkpoint_every=100000, input_rows=args.heal_input_rows)
+                             warmup=3, checkpoint_every=100000, input_rows=args.heal_input_rows,
+                             negatives=args.heal_negatives)
             t3 = time.time()
             s = heal_checkpoint(str(src), heal_texts, str(out), cfg, overwrite=True, progress=False)
             model = load_model(out)
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
                       "heal_steps": s["steps"], "heal_s": round(time.time() - t3, 1),
                       "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],
                       "heal_tokens": s["tokens_seen"], "heal_rows_trained": s["rows_trained"],
-                      "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "input_rows")}})
+                      "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "input_rows", "negatives")}})
     return 0
 
 

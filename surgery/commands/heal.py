@@ -21,6 +21,8 @@ def add_arguments(p):
     budget.add_argument("--minutes", type=float, help="wall-clock budget in minutes")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the new rows (default 2e-3)")
+    p.add_argument("--negatives", type=int, default=1024,
+                   help="also train the head rows of the N wrong tokens each batch favours most (default 1024; 0 = off)")
     p.add_argument("--head-only", action="store_true",
                    help="train head rows only: the body runs forward only (faster steps); default: input and head rows")
     p.add_argument("--lora", action="store_true", help="also train LoRA adapters (peft) on the body")
@@ -46,7 +48,8 @@ def run(args) -> int:
     cfg = HealConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, lora=args.lora, lora_rank=args.lora_rank,
                      seq_len=args.seq_len, batch_size=args.batch_size, train_rows=args.train_rows,
                      checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
-                     autocast=args.autocast, input_rows=not args.head_only)
+                     autocast=args.autocast, input_rows=not args.head_only,
+                     negatives=args.negatives)
     s = heal_checkpoint(args.model, args.text, args.out, cfg, overwrite=args.overwrite, resume=args.resume,
                         eval_path=args.eval_text)
     bpb = ""

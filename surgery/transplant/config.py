@@ -119,6 +119,9 @@ class HealConfig:
     steps: int | None = field(default=None, metadata={"help": "optimizer steps"})
     minutes: float | None = field(default=None, metadata={"help": "wall-clock budget instead of steps"})
     lr: float = field(default=2e-3, metadata={"help": "learning rate of the new rows (row-sparse Adam)"})
+    negatives: int = field(default=1024, metadata={
+        "help": "also train the head rows of the N trainable tokens the batch's softmax favours most (their "
+                "push-down); measured: 0 → 1024 helped every language (SmolLM2 <- Llama-3, 60 CPU steps)"})
     lora: bool = field(default=False, metadata={"help": "also train LoRA adapters on the attention/MLP projections"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_lr: float = field(default=2e-4, metadata={"help": "learning rate of the LoRA adapters"})
@@ -153,6 +156,8 @@ class HealConfig:
             problems.append(f"seq_len must be >= 8, got {self.seq_len}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.negatives < 0:
+            problems.append(f"negatives must be >= 0, got {self.negatives}")
         if self.warmup < 0 or self.checkpoint_every < 1:
             problems.append("warmup must be >= 0 and checkpoint_every >= 1")
         if self.autocast not in ("auto", "bf16", "off"):

@@ -160,8 +160,11 @@ class _RowHooks:
     head does either, so the body runs forward only.
     """
 
-    def __init__(self, emb, head):
+    def __init__(self, emb, head, negatives: int = 0, trainable: torch.Tensor | None = None):
         self.in_map = self.in_table = self.out_cols = self.out_delta = None
+        self.negatives, self.trainable = negatives, trainable
+        self.neg_rows = self.neg_leaf = None
+        self.head_weight = head.weight if head is not None else None
         scale = getattr(emb, "embed_scale", None)
         self.scale = scale if scale is not None else 1.0
         self.handles = [emb.register_forward_hook(self._emb)]
@@ -173,6 +176,7 @@ class _RowHooks:
         self.in_table = None if in_leaf is None else torch.cat([torch.zeros_like(in_leaf[:1]), in_leaf - in_leaf.detach()])
         self.out_cols = out_cols
         self.out_delta = None if out_leaf is None else out_leaf - out_leaf.detach()
+        self.neg_rows = self.neg_leaf = None
 
     def _emb(self, mod, args, out):
         if self.in_table is None:
@@ -184,7 +188,23 @@ class _RowHooks:
         if self.out_delta is None:
             return out
         h = args[0]
-        return out.index_add(-1, self.out_cols, (h @ self.out_delta.to(h.dtype).T).to(out.dtype))
+        out = out.index_add(-1, self.out_cols, (h @ self.out_delta.to(h.dtype).T).to(out.dtype))
+        if self.negatives and self.trainable is not None:
+            # the trainable rows the batch's softmax wrongly favours most (summed probability): they get
+            # the push-down of the full softmax gradient too
+            with torch.no_grad():
+                mass = torch.softmax(out.detach().float().reshape(-1, out.shape[-1]), -1).sum(0)
+                ok = self.trainable[: mass.shape[0]].to(mass.device).clone()
+                ok[self.out_cols] = False
+                mass = torch.where(ok, mass, torch.full_like(mass, -1.0))
+                n = min(self.negatives, int(ok.sum()))
+                neg = torch.topk(mass, n).indices if n else mass.new_zeros(0, dtype=torch.long)
+            if len(neg):
+                self.neg_rows = neg
+                self.neg_leaf = self.head_weight.detach()[neg].clone().float().requires_grad_(True)
+                d = self.neg_leaf - self.neg_leaf.detach()
+                out = out.index_add(-1, neg, (h @ d.to(h.dtype).T).to(out.dtype))
+        return out
 
     def remove(self):
         for h in self.handles:
@@ -339,7 +359,7 @@ def heal(model, tokenizer, texts: list[str], config: HealConfig, state_dir: str 
     budget = cfg.minutes * 60 if cfg.minutes else None
     bar = tqdm(total=total, initial=step, desc="heal", disable=not progress, leave=False)
     t_run = time.time() - elapsed
-    hooks = _RowHooks(emb, head)
+    hooks = _RowHooks(emb, head, cfg.negatives, torch.as_tensor(trainable))
 
     def save():
         if state_path is None:
@@ -392,7 +412,8 @@ def heal(model, tokenizer, texts: list[str], config: HealConfig, state_dir: str 
                 raise SurgeryError(f"loss became {loss.item()} at step {step}", "lower --lr")
             if opt_lora is not None:
                 opt_lora.zero_grad(set_to_none=True)
-            leaves = [x for x in {id(x): x for x in (leaf_in, leaf_out) if x is not None}.values()]
+            neg_rows, neg_leaf = hooks.neg_rows, hooks.neg_leaf
+            leaves = [x for x in {id(x): x for x in (leaf_in, leaf_out, neg_leaf) if x is not None}.values()]
             if leaves or lora_params:
                 loss.backward()
             grads = [x.grad for x in leaves if x.grad is not None] + [p.grad for p in lora_params if p.grad is not None]
@@ -409,12 +430,15 @@ def heal(model, tokenizer, texts: list[str], config: HealConfig, state_dir: str 
                     opt_in.step(rows_in, leaf_in, leaf_in.grad, lr)
                 if leaf_out is not None and leaf_out.grad is not None:
                     opt_out.step(rows_out, leaf_out, leaf_out.grad, lr)
+            if neg_leaf is not None and neg_leaf.grad is not None:
+                (opt_in if tied else opt_out).step(neg_rows.cpu(), neg_leaf, neg_leaf.grad, lr)
             if opt_lora is not None:
                 opt_lora.step()
             hooks.set()
             step += 1
             rec = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "tokens": int(batch.numel()),
-                   "rows": int(len(rows_in) + (len(rows_out) if untied and rows_out is not None else 0)),
+                   "rows": int(len(rows_in) + (len(rows_out) if untied and rows_out is not None else 0)
+                               + (len(neg_rows) if neg_rows is not None else 0)),
                    "step_s": round(time.time() - t0, 3), "elapsed_s": round(time.time() - t_run, 1)}
             metrics.append(rec)
             LOG.debug("%s", rec)
