@@ -105,6 +105,31 @@ def _bias_direction(model, old_tok, cfg) -> tuple[torch.Tensor, dict]:
 
 
 @torch.no_grad()
+def shadowed_byte_tokens(tokenizer, vocab) -> np.ndarray:
+    """Byte-fallback ids (``<0xNN>``) whose byte is also the surface of an ordinary token of the same vocabulary.
+
+    The tokenizer never emits them (byte fallback only spells characters the vocabulary lacks), but an
+    exact copy would give them the ordinary token's head row too, and the head then splits that token's
+    probability between the twins (half the mass of ``,``, ``.``, ``\\n`` with Gemma-3's tokenizer).
+
+    Returns:
+        ``(n,)`` sorted ids (empty for tokenizers without ``<0xNN>`` pieces).
+    """
+    single: dict[bytes, list[int]] = {}
+    for i, s in enumerate(vocab.surfaces):
+        if s is not None and len(s) == 1:
+            single.setdefault(s, []).append(i)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    out = []
+    for byte in range(256):
+        i = tokenizer.convert_tokens_to_ids(f"<0x{byte:02X}>")
+        if i is None or i == unk or not 0 <= i < len(vocab.surfaces) or vocab.surfaces[i] != bytes([byte]):
+            continue
+        if any(j != i for j in single.get(bytes([byte]), ())):
+            out.append(int(i))
+    return np.array(sorted(out), dtype=np.int64)
+
+
 def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, donor=None,
                progress: bool = False, old_vocab=None, new_vocab=None) -> tuple[object, TransplantReport]:
     """Replace ``model``'s vocabulary by ``new_tok``'s, in place.
@@ -221,6 +246,10 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
         shift = torch.from_numpy(plan.out_bias).double()[:, None] * delta.double()[None, :]
         tt = torch.as_tensor(targets)
         rows[tt] = (rows[tt].double() + shift).to(rows.dtype)
+    shadowed = shadowed_byte_tokens(new_tok, new_vocab)
+    if len(shadowed):  # never emitted: a zero head row (logit 0) instead of their ordinary twin's row
+        rows = new_out if new_out is not None else new_in
+        rows[torch.as_tensor(shadowed)] = 0
     pad_id = getattr(new_tok, "pad_token_id", None)
     replace_rows(model, new_in, new_out, pad_id)
     cfg_ids = update_config_ids(model, old_tok, new_tok, sp_new, sp_old)
@@ -246,6 +275,7 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
             **src_counts,
             "undefined_or_padding": int(V_pad - len(ex_new) - len(sp_new) - len(targets) - len(unmatched_special)),
         },
+        "shadowed_byte_tokens": int(len(shadowed)),
         "head": "untied" if separate else ("tied" if head is not None else "none"),
         "untied_by_request": bool(cfg.untie and tied),
         "filled_roles": filled,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import TOKENIZER_ASSETS, asset_dir, tiny_llama, tokenizer, vocab
 from surgery.transplant import TransplantConfig, transplant, transplant_checkpoint
+from surgery.transplant.transplant import shadowed_byte_tokens
 from surgery.vocab.projection import exact_pairs
 
 pytestmark = pytest.mark.integration
@@ -20,8 +22,14 @@ def test_every_shipped_tokenizer_into_a_tiny_smollm2_shaped_model(new):
     model, rep = transplant(model, old_tok, new_tok, TransplantConfig(method="mean"), old_vocab=vocab("smollm2-135m"),
                             new_vocab=vocab(new))
     n, o = exact_pairs(vocab(new), vocab("smollm2-135m"))
+    shadowed = shadowed_byte_tokens(new_tok, vocab(new))
+    keep = ~np.isin(n, shadowed)
     w = model.get_input_embeddings().weight
-    assert torch.equal(w[torch.as_tensor(n)], before[torch.as_tensor(o)])
+    assert torch.equal(w[torch.as_tensor(n[keep])], before[torch.as_tensor(o[keep])])
+    # byte-fallback twins of ordinary tokens get a zero head row, so they do not halve their twin's probability
+    assert rep.data["shadowed_byte_tokens"] == len(shadowed)
+    if len(shadowed):
+        assert torch.count_nonzero(w[torch.as_tensor(shadowed)]) == 0
     assert w.shape[0] % 128 == 0 and w.shape[0] >= len(new_tok) == len(rep.tokenizer)
     ids = rep.tokenizer("Debian uses dpkg: 12 Pakete, 软件包.", add_special_tokens=False)["input_ids"]
     assert torch.isfinite(model(input_ids=torch.tensor([ids])).logits).all()
@@ -70,3 +78,17 @@ def test_gemma3_base_takes_a_new_tokenizer():
     ids = torch.tensor([rep.tokenizer("Debian is a free operating system.")["input_ids"]])
     assert torch.isfinite(model(input_ids=ids).logits).all()
     assert rep.data["counts"]["exact"] > 20000
+
+
+@pytest.mark.parametrize("name", ["gemma3-270m", "mistral-v1-tokenizer"])
+def test_shadowed_byte_tokens_are_never_emitted_and_have_an_ordinary_twin(name, text_en):
+    tok, v = tokenizer(name), vocab(name)
+    shadowed = shadowed_byte_tokens(tok, v)
+    assert len(shadowed) > 50  # SentencePiece byte fallback next to ordinary ASCII pieces
+    for i in shadowed.tolist():
+        assert tok.convert_ids_to_tokens(i).startswith("<0x")
+        twins = [j for j, s in enumerate(v.surfaces) if s == v.surfaces[i] and j != i]
+        assert twins, i
+    text = text_en + " \t\x01 ü 软件包 ~\x7f"
+    assert not set(tok(text, add_special_tokens=False)["input_ids"]) & set(shadowed.tolist())
+    assert len(shadowed_byte_tokens(tokenizer("llama3-tokenizer"), vocab("llama3-tokenizer"))) == 0
