@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,7 @@ def main() -> int:
                     failures += 1
                     row["stderr"] = r.stderr.strip().splitlines()[-1:] if r.stderr else []
                 print(json.dumps(row), flush=True)
-                subprocess.run(["rm", "-rf", str(out)])
+                shutil.rmtree(out, ignore_errors=True)
     print(json.dumps({"benchmark": "transplant_pairs_summary", "failures": failures}), flush=True)
     return 1 if failures else 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from surgery.commands._sampling import add_sampling_arguments, sampling_problems
+
 NAME = "ensemble"
 HELP = "generate from an ensemble of models with different vocabularies (byte level; --token-level approximate)"
 DESCRIPTION = (
@@ -25,13 +27,7 @@ def add_arguments(p):
                    help="approximate token-level ensemble in the first model's vocabulary (via projections)")
     p.add_argument("--byte-mode", choices=["canonical", "exact"], default="canonical",
                    help="byte-level conversion of each member (default canonical)")
-    p.add_argument("--prompt", required=True, help="text to continue (may end mid-word)")
-    p.add_argument("--max-bytes", type=int, default=200, help="stop after this many bytes (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    add_sampling_arguments(p)
 
 
 def validate(args) -> None:
@@ -43,14 +39,7 @@ def validate(args) -> None:
             problems.append(f"{len(args.weight)} --weight values for {len(args.model)} --model values")
         if any(w < 0 for w in args.weight) or sum(args.weight) <= 0:
             problems.append(f"weights must be non-negative and not all zero, got {args.weight}")
-    if args.max_bytes < 1:
-        problems.append(f"--max-bytes must be >= 1, got {args.max_bytes}")
-    if args.temperature < 0:
-        problems.append(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.prompt:
-        problems.append("--prompt is empty")
+    problems += sampling_problems(args)
     if problems:
         raise ConfigError(problems, "give one --weight per --model (or none), and valid sampling options")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from surgery.commands._sampling import add_sampling_arguments, sampling_problems
+
 NAME = "generate"
 HELP = "generate text from a model; --bytes samples byte by byte (prompts may end inside a token)"
 DESCRIPTION = (
@@ -15,32 +17,18 @@ DESCRIPTION = (
 
 def add_arguments(p):
     p.add_argument("model", help="model: shipped asset name (e.g. smollm2-135m), local HF folder or hub id")
-    p.add_argument("--prompt", required=True, help="text to continue (may end mid-word)")
     p.add_argument("--bytes", action="store_true", help="sample byte by byte from the byte-level conversion")
     p.add_argument("--mode", choices=["canonical", "exact"], default="canonical",
                    help="with --bytes: encodings the tokenizer can produce (default) or all of them (exact)")
-    p.add_argument("--max-bytes", type=int, default=200, help="stop after this many bytes (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    add_sampling_arguments(p)
 
 
 def validate(args) -> None:
     """Check the numeric options before anything is loaded (all problems at once)."""
     from surgery.errors import ConfigError
 
-    problems = []
-    if args.max_bytes < 1:
-        problems.append(f"--max-bytes must be >= 1, got {args.max_bytes}")
-    if args.temperature < 0:
-        problems.append(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.prompt:
-        problems.append("--prompt is empty")
+    problems = sampling_problems(args)
     if problems:
         raise ConfigError(problems, "fix the options above")
 
