@@ -202,6 +202,7 @@ def run_budget(args) -> None:
                      f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro_batch}",
                      f"data.block_chars={args.block_chars}", f"data.max_tokens={args.max_tokens}", f"train.lr={args.lr}",
                      f"train.warmup_steps={args.warmup}", f"train.eval_every={args.eval_every}", f"train.eval_max_bytes={args.eval_bytes}",
+                     *([f"data.max_blocks={args.max_blocks}"] if args.max_blocks else []),
                      "train.checkpoint_every=0", "train.threads=1", "train.seed=0", "train.progress=false",
                      f"train.eval_at_start={'true' if i == 0 else 'false'}", *args.set]
         cfg = load_config(DistillConfig, ROOT / "recipes" / "distill_gemma3_to_smollm2.yaml", overrides)
@@ -213,7 +214,7 @@ def run_budget(args) -> None:
         tr = [x for x in rows if x.get("event") == "train"]
         print(json.dumps({"benchmark": "distill_fixed_budget", "teacher": "gemma3-270m", "student": "smollm2-135m",
                           "text": "debian-reference.de", "loss": name + args.tag, "steps": args.steps,
-                          "blocks_per_step": args.batch, "max_tokens": args.max_tokens, "lr": args.lr,
+                          "blocks_per_step": args.batch, "corpus_blocks": args.max_blocks, "max_tokens": args.max_tokens, "lr": args.lr,
                           "heldout_bytes": args.eval_bytes, "overrides": args.set, "heldout_bpb_start": start,
                           "heldout_bpb_end": r.heldout_bpb_end, "final_train_ce": tr[-1]["ce"] if tr else None,
                           "seconds": round(time.time() - t0, 1), "threads": 1}), flush=True)
@@ -274,6 +275,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--block-chars", type=int, default=400)
+    p.add_argument("--max-blocks", type=int, default=None,
+                   help="train on only the first N blocks of the German text, repeated over epochs (data-limited)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=int, default=2)

@@ -154,6 +154,8 @@ class DataConfig:
     max_tokens: int = field(default=512, metadata=_h("tokens per block and tokenizer (incl. the start token)"))
     shuffle: bool = field(default=True, metadata=_h("shuffle blocks each epoch (seeded)"))
     max_documents: int | None = field(default=None, metadata=_h("use only the first documents"))
+    max_blocks: int | None = field(default=None, metadata=_h(
+        "use only the first blocks (in file order): a small in-domain corpus, repeated over epochs"))
 
     def validate(self) -> list[str]:
         p = []
@@ -161,6 +163,8 @@ class DataConfig:
             p.append(f"block_chars must be >= 16, got {self.block_chars}")
         if self.max_tokens < 4:
             p.append(f"max_tokens must be >= 4, got {self.max_tokens}")
+        if self.max_blocks is not None and self.max_blocks < 1:
+            p.append(f"max_blocks must be >= 1, got {self.max_blocks}")
         return p
 
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from distill import distributed as dd
 from distill.chunks import align_chunks, exact_chunks, position_chunks
 from distill.config import DistillConfig
-from distill.data import BlockOrder, blocks_fingerprint, encode_blocks, load_documents, make_blocks
+from distill.data import BlockOrder, EncodedBatch, blocks_fingerprint, encode_blocks, load_documents, make_blocks
 from distill.losses import ChunkedBatch, LossParams, build_context, combine, make_loss
 from distill.teacher_dist import TeacherDist
 from distill.teachers import Teacher, TopKCache, build_cache, position_stats, teacher_score, teacher_weights
@@ -243,6 +243,17 @@ def _keep_positions(pos_chunks: np.ndarray, mode: str) -> np.ndarray:
     return pos_chunks.reshape(-1)
 
 
+def teacher_is_coarser(s_enc: EncodedBatch, t_enc: EncodedBatch) -> bool:
+    """Did the teacher spell the batch's text in fewer tokens *per byte* than the student?
+
+    Per byte, not per block: both sides are truncated to ``max_tokens``, so two encodings that both
+    hit the limit have equal token counts although they cover different amounts of text.
+    """
+    s_tokens, t_tokens = int(s_enc.valid.sum()), int(t_enc.valid.sum())
+    s_bytes, t_bytes = int(s_enc.ends.max(1).sum()), int(t_enc.ends.max(1).sum())
+    return t_tokens * s_bytes < s_tokens * t_bytes
+
+
 def _micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block_ids, device, autocast):
     """Loss of one micro-batch; returns ``(total, metrics dict)``."""
     s_enc = encode_blocks(texts, s_tok, s_vocab, cfg.data.max_tokens).to(device)
@@ -280,7 +291,7 @@ def _micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, bloc
         if cfg.loss.exact_chunks_only:
             exact = torch.from_numpy(exact_chunks(al, s_enc.input_ids.cpu().numpy(), t_enc.input_ids.cpu().numpy(),
                                                   s_vocab.surfaces, t.vocab.surfaces)).to(device)
-        coarser = int(t_enc.valid.sum()) < int(s_enc.valid.sum())  # the teacher spelled the text in fewer tokens
+        coarser = teacher_is_coarser(s_enc, t_enc)
         batch = ChunkedBatch(flat_s[sel_s], ps[sel_s], dist, pt[sel_t], al.n_chunks, exact, coarser)
         kd = t.loss(batch)
         kd_terms.append(kd)
@@ -476,6 +487,8 @@ def _train(cfg: DistillConfig, env, resume: bool, overwrite: bool, t_start: floa
     docs = load_documents(cfg.data.train, cfg.data.format, cfg.data.text_field, cfg.data.dataset_config,
                           cfg.data.split, cfg.data.max_documents)
     blocks = make_blocks(docs, cfg.data.block_chars, cfg.data.pack)
+    if cfg.data.max_blocks:
+        blocks = blocks[: cfg.data.max_blocks]
     heldout = _heldout_text(cfg)
     order = BlockOrder(len(blocks), tr.seed, cfg.data.shuffle)
     trash = None

@@ -351,3 +351,35 @@ def test_gemma3_and_smollm2_both_directions(student_asset, teacher_asset, tmp_pa
         pairs_s = set(ctx.pairs_s.tolist())
         word = sv.surface_to_id[b" der"]
         assert word in pairs_s
+
+
+def test_teacher_coarser_is_judged_per_byte_not_per_truncated_block():
+    """Both sides hit max_tokens: equal token counts, but the teacher covered twice the bytes."""
+    import numpy as np
+
+    from distill.data import EncodedBatch
+    from distill.trainer import teacher_is_coarser
+
+    def enc(n_tokens, bytes_per_token):
+        ends = np.concatenate([[0], np.arange(1, n_tokens + 1) * bytes_per_token])[None, :]
+        valid = np.concatenate([[False], np.ones(n_tokens, bool)])[None, :]
+        z = torch.zeros(1, n_tokens + 1, dtype=torch.long)
+        return EncodedBatch(z, z, ends, valid, z)
+
+    student, teacher = enc(127, 2), enc(127, 4)
+    assert teacher_is_coarser(student, teacher) and not teacher_is_coarser(teacher, student)
+    assert not teacher_is_coarser(enc(100, 3), enc(50, 3))  # fewer tokens, but only because it covered less text
+    assert teacher_is_coarser(enc(100, 3), enc(80, 4))
+
+
+def test_max_blocks_trains_on_the_first_blocks_only(tmp_path, tiny_student, tiny_text):
+    from distill.data import load_documents, make_blocks
+
+    cfg = base_config(tmp_path / "run", tiny_student, None, tiny_text, loss={"name": "ce"}, data={"max_blocks": 2},
+                      train={"steps": 3})
+    r = _train(cfg)
+    summary = json.loads((r.final_dir / "distill_summary.json").read_text())
+    assert summary["blocks"] == 2 < len(make_blocks(load_documents(cfg["data"]["train"]), 200))
+    bad = base_config(tmp_path / "run2", tiny_student, None, tiny_text, loss={"name": "ce"}, data={"max_blocks": 0})
+    with pytest.raises(SurgeryError, match="max_blocks"):
+        _train(bad)
