@@ -15,7 +15,11 @@
     ``ce``, ``uld``, ``gold``, ``pkl``, ``hkl``, ``tkl``; held-out student bits/byte at the end (and
     once at the start). One torch thread.
 
-Run: ``.venv/bin/python benchmarks/distill.py [--part cost|budget|all] [--steps N]``. One JSON line per figure.
+(c) ``--part signal``: the teacher's and the student's bits/byte on the training blocks as the trainer feeds
+    them, and at chunk starts the student's and the projected teacher's cross-entropy on the student's actual
+    next token (is the teacher's signal worth having?).
+
+Run: ``.venv/bin/python benchmarks/distill.py [--part cost|budget|all|signal] [--steps N]``. One JSON line per figure.
 """
 
 from __future__ import annotations
@@ -188,6 +192,79 @@ def run_cost(args) -> None:
             print(json.dumps(row), flush=True)
 
 
+def run_signal(args) -> None:
+    """Is the teacher's signal worth having? Measured on the training blocks exactly as the trainer feeds them.
+
+    Prints (a) each model's bits/byte on the first ``--signal-blocks`` blocks of the training order
+    (start token + ``max_tokens`` tokens, the bytes each side actually covers), and (b) at the student
+    positions that start a chunk (where ``pkl`` teacher → student applies), the cross-entropy of the
+    student's actual next token under the student itself and under the projected teacher target
+    (first-piece projection, the batch's top-k teacher columns, renormalized).
+    """
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from distill.chunks import align_chunks, position_chunks
+    from distill.data import BlockOrder, encode_blocks, load_documents, make_blocks
+    from distill.losses import build_context, dense_times_sparse
+    from distill.trainer import _keep_positions
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.vocab.surfaces import canonical_vocabulary
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    docs = load_documents(str(ROOT / "artifacts" / "texts" / "debian-reference.de.train.txt"))
+    blocks = make_blocks(docs, args.block_chars, False)
+    texts = [blocks[i] for i in BlockOrder(len(blocks), 0, True).take(0, args.signal_blocks)]
+    names = {"student": "smollm2-135m", "teacher": "gemma3-270m"}
+    toks = {k: load_tokenizer(v) for k, v in names.items()}
+    vocabs = {k: canonical_vocabulary(toks[k], v) for k, v in names.items()}
+    models = {k: load_model(v).eval() for k, v in names.items()}
+    P = build_context("pkl", vocabs["student"], vocabs["teacher"], "cpu").down_projection
+    bits = {k: 0.0 for k in names}
+    covered = {k: 0 for k in names}
+    ce_student, ce_target = [], []
+    with torch.no_grad():
+        for i in range(0, len(texts), 4):
+            tx = texts[i:i + 4]
+            enc = {k: encode_blocks(tx, toks[k], vocabs[k], args.max_tokens) for k in names}
+            logits = {}
+            for k in names:
+                lg = models[k](input_ids=enc[k].input_ids, attention_mask=enc[k].attention_mask).logits.float()
+                logits[k] = lg[..., :len(vocabs[k])]
+                ce = F.cross_entropy(logits[k].reshape(-1, logits[k].shape[-1]), enc[k].labels.reshape(-1),
+                                     ignore_index=-100, reduction="sum")
+                bits[k] += float(ce) / math.log(2)
+                covered[k] += int(enc[k].ends.max(1).sum())
+            se, te = enc["student"], enc["teacher"]
+            al = align_chunks(se.ends, se.valid, te.ends, te.valid)
+            ps = _keep_positions(position_chunks(al.chunk_a), "first").reshape(-1)
+            pt = _keep_positions(position_chunks(al.chunk_b), "first").reshape(-1)
+            t_of = {int(pt[j]): j for j in np.flatnonzero(pt >= 0)}
+            pairs = [(j, t_of[int(ps[j])]) for j in np.flatnonzero(ps >= 0) if int(ps[j]) in t_of]
+            sj = torch.tensor([a for a, _ in pairs]); tj = torch.tensor([b for _, b in pairs])
+            labels = se.labels.reshape(-1)[sj]
+            ok = labels >= 0
+            sj, tj, labels = sj[ok], tj[ok], labels[ok]
+            logq = torch.log_softmax(logits["student"].reshape(-1, len(vocabs["student"]))[sj], -1)
+            pt_ = torch.softmax(logits["teacher"].reshape(-1, len(vocabs["teacher"]))[tj], -1)
+            cols = torch.topk(pt_.sum(0) * P.row_mapped.float(), min(8192, int(P.row_mapped.sum()))).indices
+            tgt = dense_times_sparse(pt_[:, cols], P.row_block(cols))
+            tgt = tgt / tgt.sum(-1, keepdim=True).clamp_min(1e-30)
+            ce_student += (-logq.gather(1, labels[:, None])[:, 0]).tolist()
+            ce_target += (-torch.log(tgt.gather(1, labels[:, None])[:, 0].clamp_min(1e-12))).tolist()
+    row = {"benchmark": "distill_signal", "text": "debian-reference.de (training blocks)", "blocks": len(texts),
+           "max_tokens": args.max_tokens}
+    for k, v in names.items():
+        print(json.dumps({**row, "model": v, "role": k, "bits_per_byte": round(bits[k] / covered[k], 4),
+                          "bytes_covered_per_block": round(covered[k] / len(texts), 1)}), flush=True)
+    print(json.dumps({**row, "positions": len(ce_student), "where": "chunk starts (pkl teacher->student)",
+                      "student_nats_on_actual_next_token": round(float(np.mean(ce_student)), 3),
+                      "projected_teacher_nats_on_actual_next_token": round(float(np.mean(ce_target)), 3)}), flush=True)
+
+
 def run_budget(args) -> None:
     from surgery.config import load_config
 
@@ -260,7 +337,7 @@ def plot_budget(out_root: Path, losses: list[str], png: Path) -> Path | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["cost", "budget", "all", "plot"], default="all",
+    p.add_argument("--part", choices=["cost", "budget", "all", "plot", "signal"], default="all",
                    help="plot: only redraw --plot from the run folders of --losses (with their --tag)")
     p.add_argument("--positions", type=int, default=4096)
     p.add_argument("--micro", type=int, default=512)
@@ -272,6 +349,7 @@ def main() -> None:
                    help="--part cost: earlier output holding the kl / uld-exact rows, for the ratios of a split run")
     p.add_argument("--losses", nargs="+", default=["ce", "uld", "gold", "pkl", "hkl", "tkl"])
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--signal-blocks", type=int, default=48, help="--part signal: training blocks measured")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--block-chars", type=int, default=400)
@@ -292,6 +370,8 @@ def main() -> None:
         run_cost(args)
     if args.part in ("budget", "all"):
         run_budget(args)
+    if args.part == "signal":
+        run_signal(args)
     if args.part == "plot":
         plot_budget(ROOT / "artifacts" / "runs" / "bench-distill", [n + args.tag for n in args.losses],
                     Path(args.plot or ROOT / "docs" / "distill_budget.png"))

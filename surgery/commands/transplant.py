@@ -34,6 +34,8 @@ def add_arguments(p):
                    help="texts for fitting the logit-bias direction (default: the shipped train texts)")
     p.add_argument("--donor", default=None, help="omp: donor model with the new tokenizer")
     p.add_argument("--omp-k", type=int, default=64, help="omp: non-zero coefficients per token (default 64)")
+    p.add_argument("--omp-ridge", type=float, default=1e-2,
+                   help="omp: relative Tikhonov term of the coefficient fits (default 0.01; 0 = none)")
     p.add_argument("--untie", action="store_true", help="give a tied model its own output head")
     p.add_argument("--pad-to-multiple", type=int, default=128, help="pad embedding rows to a multiple (default 128)")
     p.add_argument("--add-chat-markers", action="store_true",
@@ -54,7 +56,7 @@ def run(args) -> int:
         method=args.method, aux_model=args.aux_model, top_k=args.top_k, temperature=args.temperature,
         global_weight=args.global_weight, threshold=args.threshold, io_split=args.io_split,
         output_bias=args.output_bias, calibration_texts=tuple(args.calibration_text), donor=args.donor,
-        omp_k=args.omp_k, untie=args.untie, pad_to_multiple=args.pad_to_multiple,
+        omp_k=args.omp_k, omp_ridge=args.omp_ridge, untie=args.untie, pad_to_multiple=args.pad_to_multiple,
         add_chat_markers=args.add_chat_markers, seed=args.seed, device=args.device,
         cache_dir=args.cache_dir or str(default_cache_dir()),
     )

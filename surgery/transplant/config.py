@@ -48,6 +48,9 @@ class TransplantConfig:
         "help": "text files for fitting the logit-bias direction (default: the shipped train texts)"})
     donor: str | None = field(default=None, metadata={"help": "omp: donor model that already speaks the new tokenizer"})
     omp_k: int = field(default=64, metadata={"help": "omp: non-zero coefficients per new token"})
+    omp_ridge: float = field(default=1e-2, metadata={
+        "help": "omp: Tikhonov term of the coefficient fits, relative to the mean squared atom norm; keeps near-"
+                "collinear atoms from getting huge cancelling coefficients (0 = plain least squares)"})
     untie: bool = field(default=False, metadata={"help": "give a tied model a separate output head"})
     pad_to_multiple: int = field(default=128, metadata={"help": "pad the embedding rows to a multiple of this (1 = off)"})
     fill_special_roles: bool = field(default=True, metadata={
@@ -82,6 +85,8 @@ class TransplantConfig:
             problems.append(f"output_bias is a logit offset per extra piece in [-20, 0], got {self.output_bias}")
         if self.omp_k < 1:
             problems.append(f"omp_k must be >= 1, got {self.omp_k}")
+        if not 0.0 <= self.omp_ridge <= 10.0:
+            problems.append(f"omp_ridge must be in [0, 10], got {self.omp_ridge}")
         if self.pad_to_multiple < 1:
             problems.append(f"pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
         if self.aux_batch_size < 1 or self.aux_max_seq_length < 2:

@@ -231,7 +231,8 @@ def test_omp_transfers_donor_combinations(toks):
     shared = set(n_sh.tolist())
     target = next(i for i, s in enumerate(nv.surfaces) if s is not None and i not in shared)
     donor[target] = 0.5 * donor[n_sh[3]] - 0.25 * donor[n_sh[10]]
-    model, rep = transplant(model, old_tok, new_tok, TransplantConfig(method="omp", donor="x", omp_k=4),
+    cfg = TransplantConfig(method="omp", donor="x", omp_k=4, omp_ridge=0.0)  # exact fit: no shrinkage
+    model, rep = transplant(model, old_tok, new_tok, cfg,
                             donor=donor)
     got = model.get_input_embeddings().weight[target]
     want = 0.5 * before[o_sh[3]] - 0.25 * before[o_sh[10]]

@@ -202,3 +202,24 @@ def test_logit_offset_never_splits_a_cjk_character_on_real_vocabularies():
     assert (p1.counts >= 2).sum() > 100  # many single characters are byte fragments for SmolLM2
     assert not extra_units(p1, old).any()
     np.testing.assert_array_equal(extra_units(p2, old), 1)
+
+
+def test_omp_ridge_keeps_near_collinear_atoms_from_exploding():
+    """Two almost identical atoms: plain least squares cancels them with huge coefficients to fit a
+    tiny difference; the relative ridge keeps every coefficient of ordinary size, and reproduces the
+    textbook refit (ridge-regularized normal equations) on the selected atoms."""
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal(16)
+    noise = 1e-3 * rng.standard_normal(16)
+    atoms = np.stack([a, a + noise, rng.standard_normal(16)])
+    x = (a + 40 * noise)[None, :]  # = -39·a + 40·(a + noise): mostly a, plus a push along the tiny difference
+    cand = torch.arange(2)[None, :]  # the twins are the candidates (as a shortlist of near-duplicates would be)
+    _, plain = batched_omp(torch.tensor(x), torch.tensor(atoms), cand, 2, ridge=0.0)
+    sel, reg = batched_omp(torch.tensor(x), torch.tensor(atoms), cand, 2, ridge=1e-2)
+    assert plain.abs().max() > 10
+    assert reg.abs().max() < 2
+    A = atoms[sel[0].numpy()]
+    G = A @ A.T
+    lam = 1e-2 * np.diag(G).mean()
+    want = np.linalg.solve(G + lam * np.eye(2), A @ x[0])
+    np.testing.assert_allclose(reg[0].numpy(), want, rtol=1e-6)
