@@ -39,7 +39,7 @@ METHODS = {
     "tokenadapt-published": {"method": "tokenadapt-published"},
     "tokenadapt": {"method": "tokenadapt"},
     "tokenadapt-untie": {"method": "tokenadapt", "untie": True},
-    "omp": {"method": "omp", "donor": "gemma3-270m", "omp_k": 16},  # k=16 (not 64) to fit CPU time
+    "omp": {"method": "omp", "donor": "gemma3-270m"},  # k from --omp-k
 }
 DONOR_OF = {"omp": {"gemma3-270m"}}  # omp only where the donor speaks the new tokenizer
 HEAL_LR = 2e-3
@@ -64,10 +64,13 @@ def evaluate(model, tok, texts: dict, stride: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from surgery.transplant import TransplantConfig
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--pairs", nargs="+", default=["llama3-tokenizer", "gemma3-270m"], help="new tokenizers")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--omp-k", type=int, default=TransplantConfig.omp_k, help="omp: non-zero coefficients per token")
     ap.add_argument("--langs", nargs="+", default=["en", "de", "zh", "ja"])
     ap.add_argument("--max-bytes", type=int, default=8000, help="bytes of each held-out text scored")
     ap.add_argument("--stride", type=int, default=1024, help="evaluation stride (1024 = no overlap)")
@@ -110,6 +113,8 @@ def main(argv=None) -> int:
             over = METHODS[name]
             if name in DONOR_OF and pair not in DONOR_OF[name]:
                 continue
+            if name == "omp":
+                over = {**over, "omp_k": args.omp_k}
             cfg = TransplantConfig(**over, cache_dir=str(default_cache_dir()))
             out = work / f"{pair}-{name}"
             t1 = time.time()
@@ -124,6 +129,7 @@ def main(argv=None) -> int:
             for lang, v in bpb.items():
                 emit({"kind": "zero_shot", "base": args.base, "tokenizer": pair, "method": name, "lang": lang,
                       "bits_per_byte": round(v, 4), "ratio": round(v / orig[lang], 4),
+                      **({"omp_k": args.omp_k} if name == "omp" else {}),
                       "transplant_s": round(t_tr, 1), "eval_s": round(time.time() - t2, 1),
                       "counts": rep["counts"], "timings_s": rep["timings_s"],
                       "aux": {k: v for k, v in rep["method_stats"].items() if k.startswith(("aux_", "seconds"))}})

@@ -33,7 +33,7 @@ def add_arguments(p):
     p.add_argument("--calibration-text", nargs="+", default=(),
                    help="texts for fitting the logit-bias direction (default: the shipped train texts)")
     p.add_argument("--donor", default=None, help="omp: donor model with the new tokenizer")
-    p.add_argument("--omp-k", type=int, default=64, help="omp: non-zero coefficients per token (default 64)")
+    p.add_argument("--omp-k", type=int, default=8, help="omp: non-zero coefficients per token (default 8)")
     p.add_argument("--omp-ridge", type=float, default=1e-2,
                    help="omp: relative Tikhonov term of the coefficient fits (default 0.01; 0 = none)")
     p.add_argument("--untie", action="store_true", help="give a tied model its own output head")
