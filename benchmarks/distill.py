@@ -209,7 +209,8 @@ def run_signal(args) -> None:
 
     from distill.chunks import align_chunks, position_chunks
     from distill.data import BlockOrder, encode_blocks, load_documents, make_blocks
-    from distill.losses import build_context, dense_times_sparse
+    from distill.losses import build_context, normalize_rows, projected_teacher_target
+    from distill.teacher_dist import TeacherDist
     from distill.trainer import _keep_positions
     from surgery.loading import load_model, load_tokenizer
     from surgery.vocab.surfaces import canonical_vocabulary
@@ -249,10 +250,8 @@ def run_signal(args) -> None:
             ok = labels >= 0
             sj, tj, labels = sj[ok], tj[ok], labels[ok]
             logq = torch.log_softmax(logits["student"].reshape(-1, len(vocabs["student"]))[sj], -1)
-            pt_ = torch.softmax(logits["teacher"].reshape(-1, len(vocabs["teacher"]))[tj], -1)
-            cols = torch.topk(pt_.sum(0) * P.row_mapped.float(), min(8192, int(P.row_mapped.sum()))).indices
-            tgt = dense_times_sparse(pt_[:, cols], P.row_block(cols))
-            tgt = tgt / tgt.sum(-1, keepdim=True).clamp_min(1e-30)
+            tdist = TeacherDist(len(vocabs["teacher"]), logits=logits["teacher"].reshape(-1, len(vocabs["teacher"]))[tj])
+            tgt, _ = normalize_rows(projected_teacher_target(tdist, P, 8192))  # one row per chunk (first positions)
             ce_student += (-logq.gather(1, labels[:, None])[:, 0]).tolist()
             ce_target += (-torch.log(tgt.gather(1, labels[:, None])[:, 0].clamp_min(1e-12))).tolist()
     row = {"benchmark": "distill_signal", "text": "debian-reference.de (training blocks)", "blocks": len(texts),

@@ -94,7 +94,7 @@ class LossConfig:
         "pkl: which distribution goes through a projection. student_to_teacher: q = Wᵀ p_s in the teacher's "
         "vocabulary (ALGORITHMS.md); teacher_to_student: the teacher mapped onto the first student token of each "
         "of its tokens (X-Token's project_teacher_to_student); auto: per batch, the side that used fewer tokens "
-        "for the text (longer tokens) is projected onto the other's vocabulary"))
+        "per byte of the text (longer tokens) is projected onto the other's vocabulary"))
     expressible_rest: bool = field(default=True, metadata=_h(
         "pkl: condition the teacher on the columns some student token maps to and compare on the top-k columns "
         "plus one column for the rest of those (so the student cannot leak mass outside the top-k, and is not asked "

@@ -11,7 +11,7 @@ bytes before the chunk and predict what starts there), in which case every chunk
 is one student row against one teacher row.
 
 - ``pkl`` — projected KL. Which side goes through a projection is ``project``: ``auto`` (default)
-  projects the *coarser* side — the one that spelled the batch's text in fewer tokens — onto the
+  projects the *coarser* side — the one that spelled the batch's text in fewer tokens per byte — onto the
   finer side's vocabulary. At a chunk's first position the coarse side's next token (Gemma-3's
   ``▁Konfiguration``) is a union of the fine side's events (SmolLM2's next token is ``ĠKon``), not
   the other way round, so only that direction compares like with like. Teacher coarser
@@ -146,7 +146,7 @@ class ChunkedBatch:
     teacher_chunk: torch.Tensor
     n_chunks: int
     chunk_exact: torch.Tensor | None = None  # (C,) bool: one identical token on each side (distill.chunks.exact_chunks)
-    teacher_coarser: bool | None = None  # the teacher used fewer tokens than the student for this text
+    teacher_coarser: bool | None = None  # the teacher used fewer tokens per byte than the student (trainer)
 
 
 # -- shared pieces --------------------------------------------------------------------------------
@@ -439,21 +439,29 @@ class TKLLoss(KDLoss):
         return projected_teacher_kl(self, batch, self.ctx.projection)
 
 
+@torch.no_grad()
+def projected_teacher_target(teacher: TeacherDist, P: Projection, top_k: int) -> torch.Tensor:
+    """``(N_t, V_s)`` the teacher's probabilities on its ``top_k`` columns by mass (among rows ``P`` maps),
+    mapped into the student's vocabulary: ``p_t[:, K] @ P[K]`` (not renormalized).
+
+    ``P`` wraps a teacher → student projection (:meth:`Projection.rows_of`, rows = teacher tokens).
+    """
+    mass = teacher.column_mass()
+    mass = torch.where(P.row_mapped, mass, torch.full_like(mass, -1.0))
+    k = min(top_k, int(P.row_mapped.sum()))
+    cols = torch.topk(mass, k).indices
+    return dense_times_sparse(teacher.probs_at(cols), P.row_block(cols))
+
+
 def projected_teacher_kl(loss: KDLoss, batch: ChunkedBatch, P: Projection,
                          keep: torch.Tensor | None = None) -> torch.Tensor:
     """KL between the teacher mapped into the student's vocabulary and the student (``tkl``; ``pkl`` teacher→student).
 
-    ``P`` wraps a teacher → student projection (:meth:`Projection.rows_of`, rows = teacher tokens).
-    The batch's ``top_k`` teacher columns by mass (among mapped rows) are mapped: ``p̃ = p_t[:, K] @ P[K]``,
-    renormalized per chunk and compared with the student's full distribution; ``keep (C,)`` (optional)
-    restricts the mean to those chunks.
+    The batch's ``top_k`` teacher columns are mapped (:func:`projected_teacher_target`), renormalized per
+    chunk and compared with the student's full distribution; ``keep (C,)`` (optional) restricts the mean to
+    those chunks.
     """
-    mass = batch.teacher.column_mass()
-    mass = torch.where(P.row_mapped, mass, torch.full_like(mass, -1.0))
-    k = min(loss.p.top_k, int(P.row_mapped.sum()))
-    cols = torch.topk(mass, k).indices
-    with torch.no_grad():
-        target = dense_times_sparse(batch.teacher.probs_at(cols), P.row_block(cols))  # (N_t, V_s)
+    target = projected_teacher_target(batch.teacher, P, loss.p.top_k)  # (N_t, V_s)
     pc, has = normalize_rows(chunk_mean(target, batch.teacher_chunk, batch.n_chunks))
     logq = loss.student_log_probs(batch)
     if loss.p.direction == "forward":
