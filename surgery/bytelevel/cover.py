@@ -30,6 +30,9 @@ class TokenIndex:
         vocab: canonical vocabulary (surfaces; ``None`` = no bytes).
         n_out: size of the model's output layer (``>= 1``); ids at or past
             ``len(vocab)`` have no surface.
+        keep: ``(V,)`` bool, the ids with a surface to index (default all); the others are
+            *dropped*: neither bytes nor end of text (canonical mode drops the ids the
+            tokenizer never emits, :attr:`~surgery.vocab.surfaces.Vocabulary.is_emitted`).
 
     Attributes:
         order: ``(S,)`` ids with a surface, sorted by surface.
@@ -37,12 +40,18 @@ class TokenIndex:
         lengths: ``(S,)`` surface lengths in that order.
         no_surface: ``(n_out,)`` bool, ids that contribute no bytes (special, undefined);
             ``no_surface_ids`` the same as indices.
-        first_byte: ``(n_out,)`` first byte of each id's surface, 256 for none.
+        dropped_ids: ids left out by ``keep``.
+        first_byte: ``(n_out,)`` first byte of each id's surface, 256 for none, 257 for dropped.
         max_len: longest surface.
     """
 
-    def __init__(self, vocab: Vocabulary, n_out: int):
+    def __init__(self, vocab: Vocabulary, n_out: int, keep: np.ndarray | None = None):
         surfaces = list(vocab.surfaces[:n_out]) + [None] * max(0, n_out - len(vocab.surfaces))
+        dropped = []
+        if keep is not None:
+            dropped = [i for i, s in enumerate(surfaces) if s and i < len(keep) and not keep[i]]
+            for i in dropped:
+                surfaces[i] = None
         ids = [i for i, s in enumerate(surfaces) if s]
         ids.sort(key=lambda i: surfaces[i])
         self.n_out = n_out
@@ -50,14 +59,17 @@ class TokenIndex:
         self.sorted = [surfaces[i] for i in ids]
         self.lengths = np.asarray([len(s) for s in self.sorted], dtype=np.int64)
         self.max_len = int(self.lengths.max()) if len(ids) else 0
+        self.dropped_ids = np.asarray(dropped, dtype=np.int64)
         self.no_surface = np.ones(n_out, dtype=bool)
         self.no_surface[self.order] = False
+        self.no_surface[self.dropped_ids] = False
         self.no_surface_ids = np.flatnonzero(self.no_surface)
         width = max(self.max_len, 1)
-        self._bytes = np.frombuffer(b"".join(s.ljust(width, b"\0") for s in self.sorted),
-                                    dtype=np.uint8).reshape(len(self.sorted), width)
+        self.byte_matrix = np.frombuffer(b"".join(s.ljust(width, b"\0") for s in self.sorted),
+                                         dtype=np.uint8).reshape(len(self.sorted), width)
         self.first_byte = np.full(n_out, 256, dtype=np.int64)
         self.first_byte[self.order] = [s[0] for s in self.sorted]
+        self.first_byte[self.dropped_ids] = 257
         self.exact: dict[bytes, list[int]] = {}
         for i in ids:
             self.exact.setdefault(surfaces[i], []).append(i)
@@ -78,7 +90,7 @@ class TokenIndex:
         """``(S,)`` byte ``j`` of each sorted surface, -1 where the surface is not longer than ``j``."""
         col = self._columns.get(j)
         if col is None:
-            col = np.where(self.lengths > j, self._bytes[:, j].astype(np.int16), np.int16(-1))
+            col = np.where(self.lengths > j, self.byte_matrix[:, j].astype(np.int16), np.int16(-1))
             self._columns[j] = col
         return col
 
@@ -117,7 +129,9 @@ class CoverTree:
     its parent followed by one token; ``end[i]`` is the byte offset where node ``i``
     ends. In ``exact`` mode (``canon is None``) every token whose surface fits the
     text is a child; in ``canonical`` mode a child must be a valid pair with its
-    parent's token, and the first token after the root must be able to start a piece.
+    parent's token, the first token after the root must be able to start a piece,
+    and a byte-fallback token may not complete a character of the vocabulary
+    (:meth:`~surgery.bytelevel.validity.Canonicalizer.fallback_allowed`).
     At a *split point* (an offset where a continuation may open a new piece) a token
     that can start a piece is a child too; ``splits_used[i]`` lists the split points
     node ``i`` relies on (it is admitted for a prefix only while they are all split
@@ -134,16 +148,20 @@ class CoverTree:
             a node relying on split points that no single prefix offers is never created
             (a long run of spaces would otherwise admit exponentially many readings).
         max_nodes: raise beyond this many nodes (exact mode grows exponentially).
+        splits_from: ``{n: points}``, the split points of the prefixes of length ``>= n`` that the
+            tree serves (their union); a node relying on others is not extended past ``n`` (no
+            prefix would admit it). Default: no such limit.
     """
 
     def __init__(self, index: TokenIndex, canon=None, start: int = 0, max_nodes: int = 200_000,
-                 splits=frozenset(), split_sets=None):
+                 splits=frozenset(), split_sets=None, splits_from: dict | None = None):
         self.index = index
         self.canon = canon
         self.start = start
         self.splits = frozenset(splits)
         self.split_sets = [frozenset(x) for x in split_sets] if split_sets is not None else [self.splits]
         self.max_nodes = max_nodes
+        self.splits_from = splits_from
         self.parent: list[int] = [-1]
         self.token: list[int] = [-1]
         self.end: list[int] = [start]
@@ -169,7 +187,10 @@ class CoverTree:
     def _step(self, data: bytes, n: int) -> None:
         index = self.index
         still, cand = [], []
+        ahead = self.splits_from.get(n) if self.splits_from is not None else None
         for e in self.open:
+            if ahead is not None and self.splits_used[e] and not ahead.issuperset(self.splits_used[e]):
+                continue  # relies on a split point no prefix from here on has
             piece = data[self.end[e]:n]
             lo, hi = index.range(piece)
             if lo == hi:
@@ -180,6 +201,11 @@ class CoverTree:
                 still.append(e)
         used = [self.splits_used[e] for e, _ in cand]
         oks = [self.split_ok[e] for e, _ in cand]
+        if cand and self.canon is not None and self.canon.fallback_ids:
+            fb = self.canon.fallback_ids
+            cand = [(e, t) for e, t in cand if t not in fb or self.canon.fallback_allowed(data, n)]
+            used = [self.splits_used[e] for e, _ in cand]
+            oks = [self.split_ok[e] for e, _ in cand]
         if cand and self.canon is not None:
             pairs = [(self.token[e], t) for e, t in cand if e != 0]
             ok_pairs = iter(self.canon.pairs_valid(pairs))
@@ -211,8 +237,12 @@ class CoverTree:
             still.append(i)
         self.open = still
         if len(self.parent) > self.max_nodes:
-            raise SurgeryError(f"more than {self.max_nodes} cover-encoding nodes for {n - self.start} bytes",
-                               "exact mode is exponential in the text length: use mode='canonical' or a shorter text")
+            if self.canon is None:
+                hint = "exact mode is exponential in the text length: use mode='canonical' or a shorter text"
+            else:
+                hint = "pass a larger max_nodes to ByteLM, or score a shorter text"
+            raise SurgeryError(f"more than {self.max_nodes} cover-encoding nodes for {n - self.start} bytes "
+                               f"({'exact' if self.canon is None else 'canonical'} mode)", hint)
 
     def copy(self) -> "CoverTree":
         """An independent copy (to try a continuation without changing this tree)."""
@@ -257,3 +287,14 @@ class CoverTree:
             if d == JOIN and p in self.splits_used[i]:
                 return False
         return True
+
+    def consistency_mask(self, i: int, points: tuple[int, ...], decisions: np.ndarray) -> np.ndarray:
+        """``(257,)`` 1.0 for the next bytes whose pieces node ``i`` is consistent with, else 0.0.
+
+        Args:
+            points: the split points of the prefix; ``decisions``: ``(257, len(points))`` from
+                :meth:`~surgery.bytelevel.validity.Canonicalizer.split_decisions`.
+        """
+        rows, inverse = np.unique(decisions, axis=0, return_inverse=True)
+        ok = np.array([self.consistent(i, points, tuple(r)) for r in rows], dtype=np.float64)
+        return ok[inverse.reshape(-1)]

@@ -13,7 +13,9 @@ Token level (approximate, for comparison): :class:`TokenEnsemble` predicts in th
 first member's vocabulary. Another member's next-token distribution, taken after the
 last of its own tokens that ends at or before the current byte offset, is projected
 into that vocabulary through the alignment core's projection
-(:func:`surgery.vocab.projection.build_projection`) and renormalized. It ignores
+(:func:`surgery.vocab.projection.build_projection`, which keeps to the ids each tokenizer
+emits: a member's probability of ``,`` lands on the id the head's tokenizer emits for ``,``,
+never on a byte-fallback twin such as ``<0x2C>``) and renormalized. It ignores
 token boundaries that do not line up, hence approximate; it is cheap (one token
 forward per member per step).
 """
@@ -179,7 +181,7 @@ class _Member:
     @torch.no_grad()
     def logprobs_after(self, ids: list[int]) -> torch.Tensor:
         """``(V,)`` next-token log-probabilities after ``[start] + ids`` (reusing the cached prefix)."""
-        from surgery.bytelevel.treeattn import _truncate, cache_kwarg
+        from surgery.bytelevel.treeattn import cache_kwarg, truncate_cache
 
         full = [self.start] + list(ids)
         common = 0
@@ -191,7 +193,7 @@ class _Member:
             self.cache, common = self._cache_cls(), 0
         else:
             common = min(common, len(full) - 1)  # recompute at least the last token
-            _truncate(self.cache, common)
+            truncate_cache(self.cache, common)
         new = torch.tensor([full[common:]], device=self.device)
         out = self.model(input_ids=new, position_ids=torch.arange(common, len(full), device=self.device)[None],
                          use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): self.cache})

@@ -7,7 +7,9 @@ For a node ending at byte ``m`` of the stream ``z`` with next-token log-probabil
 - ``E[j-1]`` = P(next token's surface equals ``z[m:m+j]``) (tokens that end exactly there);
 - ``S`` = P(next token has no surface) (specials: they end the text);
 - the next-byte masses after ``z[m:m+j]``: ``(257,)`` for ``j = 0`` (index 256 = ``S``),
-  ``(256,)`` for ``j >= 1``.
+  ``(256,)`` for ``j >= 1``;
+- ``Z0`` = the total of the ``j = 0`` masses: 1 less the ids the index drops and the
+  ``banned`` ids (byte-fallback tokens that may not start at ``m`` in canonical mode).
 
 All sums are taken over contiguous ranges of :class:`~surgery.bytelevel.cover.TokenIndex`
 with a float64 cumulative sum restricted to the node's first-byte range.
@@ -39,12 +41,17 @@ class NodeMasses:
         index: the token index.
         z: the byte stream; ``m``: where the node ends.
         jmax: longest prefix ``z[m:m+jmax]`` of interest.
+        banned: ids of one-byte tokens that may not be the next token (left out of every mass).
     """
 
-    __slots__ = ("lp", "index", "z", "m", "lo1", "cs", "M", "E")
+    __slots__ = ("lp", "index", "z", "m", "lo1", "cs", "M", "E", "Z0", "banned")
 
-    def __init__(self, lp: np.ndarray, index: TokenIndex, z: bytes, m: int, jmax: int):
+    def __init__(self, lp: np.ndarray, index: TokenIndex, z: bytes, m: int, jmax: int,
+                 banned: np.ndarray | None = None):
         self.lp, self.index, self.z, self.m = lp, index, z, m
+        self.banned = banned if banned is not None and len(banned) else None
+        gone = index.dropped_ids if self.banned is None else np.concatenate([index.dropped_ids, self.banned])
+        self.Z0 = 1.0 - float(_exp(lp[gone]).sum()) if len(gone) else 1.0
         jmax = max(0, min(jmax, len(z) - m))
         self.M = np.zeros(jmax)
         self.E = np.zeros(jmax)
@@ -66,15 +73,21 @@ class NodeMasses:
             ex = index.exact.get(piece)
             if ex:
                 self.E[j - 1] = _exp(lp[ex]).sum()
-
-    def eot(self) -> float:
-        """Probability of a next token without bytes (end of text)."""
-        return float(_exp(self.lp[self.index.no_surface_ids]).sum())
+        if self.banned is not None:  # one-byte tokens: they only weigh on z[m]
+            here = self.banned[index.first_byte[self.banned] == z[m]]
+            if len(here):
+                off = float(_exp(lp[here]).sum())
+                self.M[0] = max(0.0, self.M[0] - off)
+                self.E[0] = max(0.0, self.E[0] - off)
 
     def next_bytes(self, j: int) -> np.ndarray:
         """Next-byte masses after ``z[m:m+j]``: ``(257,)`` with end-of-text at 256 for ``j == 0``, else ``(256,)``."""
         if j == 0:
-            return np.bincount(self.index.first_byte, weights=_exp(self.lp), minlength=257)
+            out = np.bincount(self.index.first_byte, weights=_exp(self.lp), minlength=258)[:257]
+            if self.banned is not None:
+                np.subtract.at(out, self.index.first_byte[self.banned], _exp(self.lp[self.banned]))
+                np.maximum(out, 0.0, out=out)
+            return out
         out = np.zeros(256)
         if self.cs is None:
             return out

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from surgery.bytelevel.bytelm import consistency_mask
 from surgery.bytelevel.cover import CoverTree
 from surgery.bytelevel.masses import NodeMasses
 from surgery.bytelevel.treeattn import forward_window, logits_from_hidden
@@ -173,8 +172,12 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
         if root is None:  # the pieces before `start` are tokenized differently in the whole text
             root = items.path_item(blm.canon.last_piece(z[:k_first], 0)[1])
         sets = set(splits[k_first:k_last + 1])
+        ahead, acc = {}, frozenset()
+        for k in range(k_last, start, -1):  # split points of the prefixes from k on
+            acc = acc | splits[k] if k >= k_first else acc
+            ahead[k] = acc
         tree = CoverTree(index, blm.canon if canonical else None, start, blm.max_nodes,
-                         splits=frozenset().union(*sets), split_sets=sets)
+                         splits=frozenset().union(*sets), split_sets=sets, splits_from=ahead)
         tree.extend(z[:k_last])
         node_item = [root] + [0] * (len(tree) - 1)
         for i in range(1, len(tree)):
@@ -232,7 +235,8 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
             lp = torch.log_softmax(logits_from_hidden(blm.model, hidden[rows]), dim=-1)
             lp = lp.cpu().numpy()
             for it, row in zip(group, lp):
-                nm = NodeMasses(row, index, z, items.end[it], items.jmax[it])
+                m = items.end[it]
+                nm = NodeMasses(row, index, z, m, items.jmax[it], blm.canon.banned_at(z, m) if canonical else None)
                 stats[it] = nm
                 kids = items.child_tokens.get(it, ())
                 if kids:
@@ -270,8 +274,9 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
                     special.setdefault(k, []).append(i)
                     continue
                 if j == 0:
-                    kz.append(k)
-                    vz.append(logp[i])
+                    if nm.Z0 > 0:
+                        kz.append(k)
+                        vz.append(logp[i] + math.log(nm.Z0))
                 else:
                     kz.append(k)
                     vz.append(logp[i] + math.log(nm.M[j - 1] - nm.E[j - 1]))
@@ -296,7 +301,7 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
             acc = np.zeros(257)
             for i in nodes:
                 row = rows_at[(node_item[i], k - tree.end[i])]
-                acc += math.exp(logp[i] - ref) * row * consistency_mask(tree, i, points, decisions)
+                acc += math.exp(logp[i] - ref) * row * tree.consistency_mask(i, points, decisions)
             with np.errstate(divide="ignore"):
                 norm[k] = ref + math.log(acc.sum())
                 if k < n:

@@ -115,12 +115,37 @@ def forward_tree(model, tokens: list[int], parents: list[int], positions: list[i
     return out.last_hidden_state[0]
 
 
-def _truncate(cache, length: int) -> None:
+def truncate_cache(cache, length: int) -> None:
     """Keep the first ``length`` positions of every layer of a dynamic cache."""
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
             layer.keys = layer.keys[..., :length, :]
             layer.values = layer.values[..., :length, :]
+
+
+def chunk_bounds(parents: list[int], T: int, chunk: int) -> list[tuple[int, int]]:
+    """Cut branch tokens into chunks ``[b0, b1)`` of about ``chunk`` tokens that never reach back.
+
+    A cut at ``c`` is allowed only when no token at or after ``c`` has a branch parent
+    before ``c`` (its ancestors stay in its chunk, whatever order the branches come in).
+
+    Args:
+        parents: ``(B,)`` parent of each branch token (``< T`` a trunk index, else branch ``parent - T``).
+        T: trunk length; chunk: target chunk size.
+    """
+    B = len(parents)
+    reach = [B] * (B + 1)  # reach[c]: earliest branch parent of the tokens at or after c
+    for i in range(B - 1, -1, -1):
+        p = parents[i]
+        reach[i] = min(reach[i + 1], p - T if p >= T else B)
+    pieces, begin = [], 0
+    cut = [c for c in range(1, B) if reach[c] >= c] + [B]
+    for a, b in zip(cut, cut[1:]):
+        if b - begin > chunk and a > begin:
+            pieces.append((begin, a))
+            begin = a
+    pieces.append((begin, B))
+    return pieces
 
 
 @torch.no_grad()
@@ -161,20 +186,13 @@ def forward_window(model, trunk: list[int], branches: list[tuple[int, int]], chu
             pos[i], root[i] = p + 1, p
         else:
             pos[i], root[i] = pos[p - T] + 1, root[p - T]
-    # chunks end where a new branch tree starts (its tokens never reach back into another chunk)
-    starts = [i for i, (_, p) in enumerate(branches) if p < T] + [len(branches)]
-    pieces, begin = [], 0
-    for a, b in zip(starts, starts[1:]):
-        if b - begin > chunk and a > begin:
-            pieces.append((begin, a))
-            begin = a
-    pieces.append((begin, len(branches)))
+    pieces = chunk_bounds([p for _, p in branches], T, chunk)
     need = [max(root[b0:b1]) + 1 for b0, b1 in pieces]  # trunk keys each chunk can see
     hidden: list[torch.Tensor | None] = [None] * len(pieces)
     for c in sorted(range(len(pieces)), key=lambda c: -need[c]):
         b0, b1 = pieces[c]
         L = need[c]
-        _truncate(cache, L)  # drops the previous chunk and the trunk keys no branch here can see
+        truncate_cache(cache, L)  # drops the previous chunk and the trunk keys no branch here can see
         q = b1 - b0
         allowed = torch.zeros(q, L + q, dtype=torch.bool)
         for j in range(q):

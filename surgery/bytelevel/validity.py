@@ -26,6 +26,15 @@ the merges alone produce it (a longer piece may continue past the pair).
 Pairs whose joined bytes are not valid UTF-8 (a token holding part of a
 character) are checked by the BPE model on the raw bytes (byte-level BPE) or by
 the UTF-8 structure of byte-fallback tokens (SentencePiece).
+
+A SentencePiece tokenizer with byte fallback spells a character with ``<0xNN>``
+pieces only when the character is not a piece of its vocabulary:
+:meth:`Canonicalizer.fallback_allowed` rejects a byte-fallback token that
+completes a character of the vocabulary, and :meth:`Canonicalizer.banned_at`
+lists the byte-fallback tokens that may not come next (the last token of a cover
+encoding). Single-byte characters follow the core's emitted ids
+(:attr:`~surgery.vocab.surfaces.Vocabulary.is_emitted`): canonical mode never uses
+an id the tokenizer does not emit.
 """
 
 from __future__ import annotations
@@ -132,6 +141,42 @@ def utf8_complete_len(data: bytes) -> int:
     return n
 
 
+def completions(part: bytes) -> tuple[str, ...]:
+    """A few characters that start with the incomplete UTF-8 sequence ``part`` (probes for split points)."""
+    lead = part[0]
+    need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    out = []
+    for fill in (0x80, 0x90, 0xA0, 0xBF):
+        try:
+            c = (part + bytes([fill]) * (need - len(part))).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if c not in out:
+            out.append(c)
+    return tuple(out)
+
+
+def completed_char(data: bytes, end: int) -> bytes | None:
+    """The character whose last byte is ``data[end-1]``, if ``data[:end]`` ends with a whole valid one."""
+    for back in range(1, min(4, end) + 1):
+        b = data[end - back]
+        if 0x80 <= b < 0xC0:
+            continue  # a continuation byte: the lead is further back
+        need = 1 if b < 0x80 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+        if need != back:
+            return None
+        char = data[end - back:end]
+        try:
+            char.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return char
+    return None
+
+
+_NO_IDS = np.zeros(0, dtype=np.int64)
+
+
 def split_utf8(data: bytes) -> list[tuple[bool, bytes]]:
     """Maximal valid-UTF-8 runs ``(True, run)`` and single invalid bytes ``(False, byte)``."""
     out: list[tuple[bool, bytes]] = []
@@ -196,6 +241,11 @@ class Canonicalizer:
         self._byte_encoder = {b: c for c, b in gpt2_byte_decoder().items()}
         byte_ids = self.vocab.byte_token_ids
         self._byte_token_value = {int(i): b for b, i in enumerate(byte_ids) if i >= 0}
+        # byte-fallback pieces of non-ASCII bytes (a SentencePiece piece is valid UTF-8: a lone
+        # byte >= 0x80 can only be a <0xNN> piece)
+        self.fallback_ids: frozenset[int] = frozenset() if self.byte_level else frozenset(
+            int(i) for i in byte_ids[0x80:] if i >= 0)
+        self._banned: dict[bytes, np.ndarray] = {}
         self._pairs: dict[tuple[int, int], bool] = {}
         self._firsts: dict[int, bool] = {}
         self._splits: dict[bytes, frozenset[int]] = {}
@@ -267,7 +317,10 @@ class Canonicalizer:
         A piece boundary can appear inside the last piece when more text arrives (a run
         of spaces before a word gives up its last space: ``"a  "`` is pieces ``a|␣␣`` but
         ``"a  b"`` is ``a|␣|␣b``). The candidates are found by appending each character of
-        :data:`PROBES` (one per character class the pre-tokenizers distinguish).
+        :data:`PROBES` (one per character class the pre-tokenizers distinguish); when ``data``
+        ends inside a character, by appending completions of that character instead (the
+        next character can only be one of them: a newline probe would invent piece
+        boundaries before every multi-byte character).
 
         Returns:
             Absolute offsets ``p`` with ``start < p < len(data)``.
@@ -284,7 +337,7 @@ class Canonicalizer:
             if limit > 0 and runs and runs[-1][0]:
                 offset = end - len(runs[-1][1])
                 text = runs[-1][1].decode("utf-8")
-                for probe in PROBES:
+                for probe in (PROBES if end == len(tail) else completions(tail[end:])):
                     _, words, starts = self._pieces(text + probe)
                     for k in range(1, len(words)):
                         if words[k] != words[k - 1] and 0 < offset + starts[k] <= limit:
@@ -315,6 +368,43 @@ class Canonicalizer:
                     still = self.split_points(nxt, start)
                     got[b] = [1 if p in opens else 2 if p in still else 0 for p in points]
             self._decisions[key] = got
+        return got
+
+    # -- byte fallback -----------------------------------------------------------------------
+    def fallback_allowed(self, data: bytes, end: int) -> bool:
+        """Whether a byte-fallback token may spell byte ``data[end-1]`` (only ``data[:end]`` is read).
+
+        False when that byte completes a character that is a piece of the vocabulary (the
+        tokenizer never spells it with byte pieces); a lead or middle byte, or a byte of an
+        invalid sequence, is allowed.
+        """
+        char = completed_char(data, end)
+        return char is None or len(char) < 2 or char not in self.vocab.surface_to_id
+
+    def banned_at(self, data: bytes, m: int) -> np.ndarray:
+        """Byte-fallback ids that may not start at offset ``m`` (only ``data[:m]`` is read).
+
+        They are the continuation bytes that would complete, with the incomplete character
+        at the end of ``data[:m]``, a character of the vocabulary.
+
+        Returns:
+            Sorted int64 ids (empty for a byte-level BPE or at a character boundary).
+        """
+        if not self.fallback_ids:
+            return _NO_IDS
+        tail = data[max(0, m - 3):m]
+        part = tail[utf8_complete_len(tail):]  # the incomplete character at the end, if any
+        if not part:
+            return _NO_IDS
+        got = self._banned.get(part)
+        if got is None:
+            bt = self.vocab.byte_token_ids
+            out = []
+            for b in range(0x80, 0xC0):
+                char = part + bytes([b])
+                if bt[b] >= 0 and completed_char(char, len(char)) == char and char in self.vocab.surface_to_id:
+                    out.append(int(bt[b]))
+            got = self._banned[part] = np.asarray(sorted(out), dtype=np.int64)
         return got
 
     # -- validity ----------------------------------------------------------------------------

@@ -25,15 +25,21 @@ def add_arguments(p):
 
 def run(args) -> int:
     from surgery.loading import load_tokenizer
-    from surgery.errors import SurgeryError
+    from surgery.errors import ConfigError, SurgeryError
     from surgery.vocab.api import align_tokenizers
     from surgery.vocab.projection import ProjectionConfig
     from surgery.vocab.store import save_alignment
     from pathlib import Path
 
+    if args.out and Path(args.out).is_dir():
+        raise SurgeryError(f"--out {args.out!r} is a folder", "pass a file path, e.g. --out w.safetensors")
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise SurgeryError(f"output {args.out!r} already exists", "pass --overwrite to replace it")
-    cfg = ProjectionConfig(max_pieces=args.max_pieces, top_k=args.top_k, reverse=not args.no_reverse)
+    try:
+        cfg = ProjectionConfig(max_pieces=args.max_pieces, top_k=args.top_k, reverse=not args.no_reverse)
+    except ConfigError as e:  # name the command-line options, not the config fields
+        raise ConfigError([p.replace("top_k", "--top-k").replace("max_pieces", "--max-pieces") for p in e.problems],
+                          "pass --top-k >= 0 (0 keeps every entry) and --max-pieces >= 1") from e
     ta, tb = load_tokenizer(args.tokenizer_a), load_tokenizer(args.tokenizer_b)
     try:
         P, va, vb, report = align_tokenizers(ta, tb, cfg, args.tokenizer_a, args.tokenizer_b)
@@ -57,6 +63,8 @@ def run(args) -> int:
         f"Aligned {len(va)} tokens of A to {len(vb)} of B in {report['seconds_surfaces'] + report['seconds_projection']:.1f} s: "
         f"{report['exact']} exact, {report['decomposed']} decomposed, {report['special']} special, "
         f"{report['unmapped']} unmapped ({report['shared_surfaces']} distinct shared surfaces, {report['nnz']} non-zeros)"
+        + (f"; {report['never_emitted']} never-emitted twins of A left empty" if report["never_emitted"] else "")
+        + (f"; {report['b']['never_emitted']} never-emitted twins of B get no entry" if report["b"]["never_emitted"] else "")
         + (f"; saved to {args.out}." if args.out else "; not saved (pass --out FILE).")
     )
     return 0

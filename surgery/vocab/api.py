@@ -18,8 +18,8 @@ def align_tokenizers(tok_a, tok_b, config: ProjectionConfig | None = None, name_
     t1 = time.time()
     P = build_projection(va, vb, config)
     report = {
-        "a": {"name": name_a, "family": va.family, "size": len(va)},
-        "b": {"name": name_b, "family": vb.family, "size": len(vb)},
+        "a": {"name": name_a, "family": va.family, "size": len(va), "never_emitted": int(len(va.never_emitted))},
+        "b": {"name": name_b, "family": vb.family, "size": len(vb), "never_emitted": int(len(vb.never_emitted))},
         **P.counts(),
         "shared_surfaces": len(set(va.surface_to_id) & set(vb.surface_to_id)),
         "nnz": int(P.matrix.nnz),

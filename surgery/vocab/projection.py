@@ -14,6 +14,12 @@
 4. **unmapped**: rows with nothing (no surface and no role match, or bytes no b
    token can express) stay zero and are listed in :attr:`Projection.unmapped`.
 
+Only ids the tokenizers emit take part (:mod:`surgery.vocab.identity`): a never-emitted
+twin of a (``<0x2C>`` beside ``,`` in a byte-fallback vocabulary) keeps an empty row of
+kind ``never_emitted``, and no entry lands in the column of a never-emitted id of b;
+its probability belongs to the emitted twin. Decompositions come from
+:func:`surgery.vocab.pieces.decompose`.
+
 Everything is built from index arrays with numpy/scipy; no dense ``V_a × V_b``
 array is ever formed.
 """
@@ -27,17 +33,20 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from surgery.config import Config
+from surgery.vocab.pieces import coef_matrix, decompose
 from surgery.vocab.surfaces import Vocabulary
 
 LOG = logging.getLogger(__name__)
 
-KIND_UNMAPPED, KIND_EXACT, KIND_DECOMPOSED, KIND_SPECIAL = 0, 1, 2, 3
-KIND_NAMES = {KIND_UNMAPPED: "unmapped", KIND_EXACT: "exact", KIND_DECOMPOSED: "decomposed", KIND_SPECIAL: "special"}
+KIND_UNMAPPED, KIND_EXACT, KIND_DECOMPOSED, KIND_SPECIAL, KIND_NEVER_EMITTED = 0, 1, 2, 3, 4
+KIND_NAMES = {KIND_UNMAPPED: "unmapped", KIND_EXACT: "exact", KIND_DECOMPOSED: "decomposed", KIND_SPECIAL: "special",
+              KIND_NEVER_EMITTED: "never_emitted"}
 _ROLE_ORDER = ("bos", "eos", "pad", "mask", "sep", "cls", "unk")
 
 
 @dataclass(frozen=True)
-class ProjectionConfig:
+class ProjectionConfig(Config):
     """Parameters of :func:`build_projection` (defaults of the X-Token reference)."""
 
     max_pieces: int = field(default=4, metadata={"help": "re-encoding keeps at most this many pieces"})
@@ -47,7 +56,7 @@ class ProjectionConfig:
     top_k: int = field(default=32, metadata={"help": "entries kept per row (0 = all)"})
     specials: bool = field(default=True, metadata={"help": "match special tokens by role"})
 
-    def __post_init__(self):
+    def validate(self) -> list[str]:
         problems = []
         if self.max_pieces < 1:
             problems.append(f"max_pieces must be >= 1, got {self.max_pieces}")
@@ -57,10 +66,7 @@ class ProjectionConfig:
             problems.append(f"decay must be in [0, 1], got {self.decay}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if problems:
-            from surgery.errors import ConfigError
-
-            raise ConfigError(problems)
+        return problems
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,15 +112,19 @@ def piece_weights(n: int, first_weight: float = 0.9, decay: float = 0.1) -> np.n
 
 
 def exact_pairs(va: Vocabulary, vb: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
-    """Ids of a and b with identical canonical bytes (b side: lowest id with that surface).
+    """Emitted ids of a and b with identical canonical bytes.
+
+    The b side is the id b's tokenizer emits for those bytes (:attr:`Vocabulary.surface_to_id`);
+    never-emitted ids of a get no pair (their emitted twin has it).
 
     Returns:
         ``(ids_a, ids_b)`` int64 arrays of equal length, sorted by ``ids_a``.
     """
     s2i = vb.surface_to_id
+    emitted = va.is_emitted
     ia, ib = [], []
     for i, s in enumerate(va.surfaces):
-        if s is not None:
+        if s is not None and emitted[i]:
             j = s2i.get(s)
             if j is not None:
                 ia.append(i)
@@ -145,21 +155,19 @@ def special_pairs(va: Vocabulary, vb: Vocabulary) -> tuple[np.ndarray, np.ndarra
     return np.asarray(ia, dtype=np.int64), np.asarray(ib, dtype=np.int64)
 
 
-def _decomposition_entries(src: Vocabulary, dst: Vocabulary, ids: np.ndarray, cfg: ProjectionConfig):
-    """Re-encode ``src`` tokens ``ids`` with ``dst``: arrays (src_id, dst_id, weight)."""
-    encs = dst.encode_bytes_many([src.surfaces[i] for i in ids])
-    lens = np.fromiter((min(len(e), cfg.max_pieces) for e in encs), dtype=np.int64, count=len(encs))
-    total = int(lens.sum())
-    flat = np.fromiter((t for e in encs for t in e[: cfg.max_pieces]), dtype=np.int64, count=total)
-    src_ids = np.repeat(ids, lens)
-    # position of each piece within its token, then weight table lookup
-    starts = np.repeat(np.cumsum(lens) - lens, lens)
-    pos = np.arange(total) - starts
+def decomposition_entries(src: Vocabulary, dst: Vocabulary, ids: np.ndarray, cfg: ProjectionConfig
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``src`` tokens ``ids`` split into ``dst`` pieces, weighted by position.
+
+    Returns:
+        ``(src_ids, dst_ids, weights)``, one entry per piece (at most ``cfg.max_pieces`` per token).
+    """
+    pieces = decompose(src, dst, ids).truncate(cfg.max_pieces)
     table = np.zeros((cfg.max_pieces + 1, cfg.max_pieces), dtype=np.float64)
     for n in range(1, cfg.max_pieces + 1):
         table[n, :n] = piece_weights(n, cfg.first_weight, cfg.decay)
-    w = table[np.repeat(lens, lens), pos]
-    return src_ids, flat, w
+    w = table[np.repeat(pieces.counts, pieces.counts), pieces.position]
+    return np.asarray(ids, dtype=np.int64)[pieces.owner], pieces.ids, w
 
 
 def _top_k_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
@@ -204,18 +212,19 @@ def build_projection(va: Vocabulary, vb: Vocabulary, config: ProjectionConfig | 
     LOG.info("exact: %d, special: %d (%.1fs)", len(ea), len(sa), time.time() - t0)
 
     has_surface = np.fromiter((s is not None for s in va.surfaces), dtype=bool, count=Va)
+    kind[has_surface & ~va.is_emitted] = KIND_NEVER_EMITTED
     need = np.flatnonzero(has_surface & (kind == KIND_UNMAPPED))
-    r1, c1, w1 = _decomposition_entries(va, vb, need, cfg)
+    r1, c1, w1 = decomposition_entries(va, vb, need, cfg)
     rows, cols, vals = [r1], [c1], [w1]
     if cfg.reverse:
-        b_ids = np.flatnonzero(np.fromiter((s is not None for s in vb.surfaces), dtype=bool, count=Vb))
-        c2, r2, w2 = _decomposition_entries(vb, va, b_ids, cfg)
+        b_surface = np.fromiter((s is not None for s in vb.surfaces), dtype=bool, count=Vb)
+        b_ids = np.flatnonzero(b_surface & vb.is_emitted)
+        c2, r2, w2 = decomposition_entries(vb, va, b_ids, cfg)
         free = kind[r2] == KIND_UNMAPPED  # exact and special rows stay one-hot
         rows.append(r2[free]); cols.append(c2[free]); vals.append(w2[free])
     LOG.info("decompositions done (%.1fs)", time.time() - t0)
     r = np.concatenate(rows); c = np.concatenate(cols); v = np.concatenate(vals)
-    dec = sp.csr_matrix((v, (r, c)), shape=(Va, Vb), dtype=np.float64)
-    dec.sum_duplicates()
+    dec = coef_matrix(r, c, v, (Va, Vb))
     dec = _normalize_rows(_top_k_rows(_normalize_rows(dec), cfg.top_k))
     nnz_rows = np.diff(dec.indptr) > 0
     kind[nnz_rows & (kind == KIND_UNMAPPED)] = KIND_DECOMPOSED
@@ -230,10 +239,20 @@ def build_projection(va: Vocabulary, vb: Vocabulary, config: ProjectionConfig | 
     return P
 
 
-def exact_only(P: Projection) -> sp.csr_matrix:
-    """The strict 1-to-1 view (what GOLD uses): exact rows only, every other row zero."""
-    mask = sp.diags((P.kind == KIND_EXACT).astype(np.float32))
-    return (mask @ P.matrix).tocsr()
+def fold_to_emitted(matrix: sp.spmatrix, vb: Vocabulary) -> sp.csr_matrix:
+    """``(V_a, V_b)`` ``matrix`` with each never-emitted id's column added into its emitted twin's column.
+
+    :func:`build_projection` never fills those columns; this also holds a projection built
+    elsewhere (or stored by an older version) to the ids b's tokenizer emits. Rows keep their sums.
+
+    Returns:
+        float32 CSR with sorted indices.
+    """
+    coo = sp.coo_matrix(matrix)
+    out = sp.csr_matrix((coo.data, (coo.row, vb.emitted_id[coo.col])), shape=matrix.shape, dtype=np.float32)
+    out.sum_duplicates()
+    out.sort_indices()
+    return out
 
 
 def hkl_pairs(P: Projection, threshold: float = 0.6) -> tuple[np.ndarray, np.ndarray]:

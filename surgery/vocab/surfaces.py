@@ -221,16 +221,44 @@ class Vocabulary:
 
     # -- lookups -----------------------------------------------------------------
     @property
+    def identity(self):
+        """The :class:`~surgery.vocab.identity.TokenIdentity` of this vocabulary (computed once)."""
+        t = self.__dict__.get("_identity")
+        if t is None:
+            from surgery.vocab.identity import token_identity
+
+            t = token_identity(self)
+            object.__setattr__(self, "_identity", t)
+        return t
+
+    @property
     def surface_to_id(self) -> dict[bytes, int]:
-        """Surface → lowest id with that surface (non-special tokens only)."""
-        d = self.__dict__.get("_surface_to_id")
-        if d is None:
-            d = {}
-            for i, s in enumerate(self.surfaces):
-                if s is not None and s not in d:
-                    d[s] = i
-            object.__setattr__(self, "_surface_to_id", d)
-        return d
+        """Surface → the id the tokenizer emits for those bytes mid-text (non-special tokens only).
+
+        Where several ids share a surface (SentencePiece byte-fallback twins), this is the one
+        the tokenizer produces; see :mod:`surgery.vocab.identity`.
+        """
+        return self.identity.surface_to_id
+
+    @property
+    def is_emitted(self) -> np.ndarray:
+        """``(V,)`` bool: False for ids that share a surface with another id and are never emitted for it."""
+        return self.identity.is_emitted
+
+    @property
+    def never_emitted(self) -> np.ndarray:
+        """Sorted int64 ids whose surface the tokenizer always spells with another id."""
+        return self.identity.never_emitted
+
+    @property
+    def emitted_id(self) -> np.ndarray:
+        """``(V,)`` int64: for each id, the id emitted for its surface (itself unless never emitted)."""
+        return self.identity.emitted_id
+
+    @property
+    def surface_groups(self) -> tuple:
+        """Ids sharing a surface (twins), each group ascending."""
+        return self.identity.groups
 
     @property
     def byte_token_ids(self) -> np.ndarray:

@@ -10,11 +10,19 @@ tokenizer's encoding of those pieces, the first token of the piece must encode
 to itself and every adjacent pair inside the piece must encode to the pair, or
 meet at an offset where appending one probe character opens a new piece (and
 the right token encodes to itself).
+
+Byte-fallback pieces (``<0xNN>``, found by their token strings): a run of them that
+spells a whole character of the text is one unit (judged like a token: encoding
+the character must give exactly those pieces), and a character that is a piece of
+the vocabulary is never spelled with them, neither inside a node nor as the last
+token (judged on the bytes up to that token); pieces of a character not yet
+complete pass.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 
@@ -22,6 +30,22 @@ import numpy as np
 import torch
 
 from surgery.bytelevel.validity import PROBES  # the probe characters are part of the definition
+
+
+def _gpt2_bytes() -> dict[int, str]:
+    """GPT-2's byte → printable character table (written out here, independent of the library)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+_GPT2_BYTES = _gpt2_bytes()
 
 
 class BruteForce:
@@ -38,6 +62,10 @@ class BruteForce:
                 self.by_surface.setdefault(s, []).append(i)
         self.special = np.array([s is None for s in self.surf])
         self._lp = {}
+        names = tokenizer.convert_ids_to_tokens(list(range(min(len(self.surf), len(tokenizer)))))
+        self.fallback = {i: int(t[3:5], 16) for i, t in enumerate(names)
+                         if t and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)}
+        self.piece_set = {s for i, s in enumerate(self.surf) if s and i not in self.fallback}
 
     # -- model ---------------------------------------------------------------------------------
     def prefetch(self, seqs, chunk: int = 64) -> None:
@@ -109,6 +137,70 @@ class BruteForce:
         return out
 
     # -- canonical filter (the Hugging Face tokenizer is the judge) -----------------------------
+    @staticmethod
+    def _char_spans(data: bytes) -> list[tuple[int, int, bool]]:
+        """``(start, end, complete)`` of each character, parsing from the start; stray bytes alone."""
+        out, i = [], 0
+        while i < len(data):
+            for L in (1, 2, 3, 4):
+                try:
+                    if len(data[i:i + L].decode("utf-8")) == 1:
+                        out.append((i, i + L, True))
+                        i += L
+                        break
+                except UnicodeDecodeError:
+                    pass
+            else:
+                out.append((i, i + 1, False))
+                i += 1
+        return out
+
+    def _fallback_ok(self, data: bytes, p: int) -> bool:
+        """A byte-fallback piece may spell byte ``p`` of ``data`` (judged on ``data``)."""
+        for s, e, complete in self._char_spans(data):
+            if s <= p < e:
+                return not (complete and data[s:e] in self.piece_set)
+        raise AssertionError("position outside the data")
+
+    def _units(self, data: bytes, B: int, seq) -> list[tuple[tuple[int, ...], bytes]] | None:
+        """Split ``seq`` (spelling ``data[B:...]``) into units; ``None`` if a fallback piece is not allowed."""
+        spans = {s: (e, c) for s, e, c in self._char_spans(data)}
+        units, pos, k = [], B, 0
+        while k < len(seq):
+            t = seq[k]
+            if t in self.fallback:
+                if not self._fallback_ok(data, pos):
+                    return None
+                e, complete = spans.get(pos, (pos + 1, False))
+                n = e - pos
+                group = seq[k:k + n]
+                if complete and n > 1 and len(group) == n and all(g in self.fallback for g in group):
+                    units.append((tuple(group), data[pos:e]))
+                    pos, k = e, k + n
+                    continue
+            units.append(((t,), self.surf[t]))
+            pos += len(self.surf[t])
+            k += 1
+        return units
+
+    def _judge(self, raw: bytes, ids: list[int]) -> bool:
+        """Encoding ``raw`` gives ``ids``. Bytes that are not UTF-8 (part of a character): the BPE model
+        alone on the raw bytes for a byte-level BPE; always for SentencePiece (characters not complete
+        yet are judged once complete, by :meth:`_fallback_ok`)."""
+        try:
+            return self._enc_mid(raw) == ids
+        except UnicodeDecodeError:
+            if self.fallback:
+                return True
+            mapped = "".join(_GPT2_BYTES[b] for b in raw)
+            return [t.id for t in self.tok.backend_tokenizer.model.tokenize(mapped)] == ids
+
+    def _unit_first_ok(self, unit) -> bool:
+        return self._judge(unit[1], list(unit[0]))
+
+    def _unit_pair_ok(self, u, v) -> bool:
+        return self._judge(u[1] + v[1], list(u[0]) + list(v[0]))
+
     def _enc(self, data: bytes) -> list[int]:
         text = data.decode("utf-8")
         if self.dummy:  # stream starts with the dummy-prefix space; encode without adding another
@@ -133,14 +225,25 @@ class BruteForce:
 
     def pieces(self, data: bytes) -> tuple[int, tuple[int, ...], set[int]]:
         """Start of the last piece, tokens of the pieces before it, offsets where a piece may open."""
-        if not data or self.dummy:
+        text = self._complete_text(data)  # an incomplete last character belongs to the last piece
+        if not text or self.dummy:
             return 0, (), set()
-        ids, words, starts = self._word_starts(data.decode("utf-8"))
+        ids, words, starts = self._word_starts(text)
         first = words.index(words[-1])
         B = starts[first]
         splits = set()
-        for probe in PROBES:
-            _, w2, s2 = self._word_starts(data.decode("utf-8") + probe)
+        part = data[len(text.encode()):]
+        probes = PROBES
+        if part:  # the next character completes the partial one: probe with characters starting so
+            need = 2 if part[0] < 0xE0 else 3 if part[0] < 0xF0 else 4
+            probes = []
+            for fill in (0x80, 0x90, 0xA0, 0xBF):
+                try:
+                    probes.append((part + bytes([fill]) * (need - len(part))).decode("utf-8"))
+                except UnicodeDecodeError:
+                    pass
+        for probe in probes:
+            _, w2, s2 = self._word_starts(text + probe)
             splits |= {s2[k] for k in range(1, len(w2)) if w2[k] != w2[k - 1] and B < s2[k] < len(data)}
         return B, tuple(ids[:first]), splits
 
@@ -156,12 +259,15 @@ class BruteForce:
         """
         out = []
         for end, seq in self.segmentations(data, B):
-            good = all(self._first_ok(t) for t in seq[:1])
+            units = self._units(data, B, seq)
+            if units is None:
+                continue
+            good = all(self._unit_first_ok(u) for u in units[:1])
             used, ok = set(), set()
-            pos = B + (len(self.surf[seq[0]]) if seq else 0)
-            for a, b in zip(seq, seq[1:]):
-                pair = self._enc_mid(self.surf[a] + self.surf[b]) == [a, b]
-                first = pos in splits and self._first_ok(b)
+            pos = B + (len(units[0][1]) if units else 0)
+            for a, b in zip(units, units[1:]):
+                pair = self._unit_pair_ok(a, b)
+                first = pos in splits and self._unit_first_ok(b)
                 if not (pair or first):
                     good = False
                     break
@@ -169,15 +275,27 @@ class BruteForce:
                     used.add(pos)
                 if first:
                     ok.add(pos)
-                pos += len(self.surf[b])
+                pos += len(b[1])
             if good:
                 out.append((end, seq, used, ok))
         return out
+
+    @staticmethod
+    def _complete_text(data: bytes) -> str:
+        """``data`` without a trailing incomplete character, as text."""
+        for cut in range(4):
+            try:
+                return data[: len(data) - cut].decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        raise AssertionError("not UTF-8")
 
     def decisions(self, data: bytes, B: int, points: list[int]) -> np.ndarray:
         """(257, len(points)): 1 a piece opens there after this byte, 0 it cannot any more, 2 undecided."""
         out = np.full((257, len(points)), 2)
         out[256] = 0
+        if self._complete_text(data).encode() != data:
+            return out  # a byte inside a character decides nothing yet
         for b in range(128):
             text = data.decode("utf-8") + chr(b)
             _, words, starts = self._word_starts(text)
@@ -213,6 +331,10 @@ class BruteForce:
                 row[:256] = np.bincount(self._byte_at(0)[~self.special], weights=p[~self.special],
                                         minlength=257)[:256]
                 row[256] = p[self.special].sum()
+                if mode == "canonical":  # last token: no fallback piece completing a vocabulary character
+                    for t, b in self.fallback.items():
+                        if not self._fallback_ok(data + bytes([b]), n):
+                            row[b] -= p[t]
                 total += w
             else:
                 sel = self._starts(data[end:])

@@ -15,6 +15,7 @@ import torch
 
 from helpers import tiny_llama, tokenizer, vocab
 from surgery.bytelevel import ByteLM
+from surgery.bytelevel.cover import CoverTree
 from surgery.bytelevel.validity import Canonicalizer
 
 TOL = 1e-4  # nats
@@ -63,6 +64,58 @@ def test_matches_brute_force(setup, mode):
         assert abs(blm.logprob(data) - chain) < TOL, (mode, x)
         if mode == "exact":  # the true marginal, straight from its definition
             assert abs(blm.logprob(data) - brute.prefix_logprob_exact(data)) < TOL
+
+
+# Non-ASCII: prefixes end inside characters; Cyrillic, CJK, and characters neither vocabulary has as a
+# piece (龘: three byte-fallback pieces in Gemma-3, 𝔘: four; byte-level BPE spells them with byte tokens).
+NON_ASCII = {"exact": ["é中", "мир", "a龘"], "canonical": ["中文", "мир ок", "a龘b", "ä𝔘", "日本 語"]}
+
+
+@pytest.mark.parametrize("mode", ["exact", "canonical"])
+def test_matches_brute_force_non_ascii(setup, mode):
+    lms, brute, _ = setup
+    blm = lms[mode]
+    for x in NON_ASCII[mode]:
+        data = x.encode()
+        chain = 0.0
+        for i in range(len(data) + 1):
+            ref = brute.next_bytes(blm.stream(data[:i]), mode)
+            assert _close(blm.next_byte_logprobs(data[:i]), ref) < TOL, (mode, x, i)
+            if i < len(data):
+                chain += math.log(ref[data[i]])
+        assert abs(blm.logprob(data) - chain) < TOL, (mode, x)
+
+
+@pytest.mark.parametrize("setup", ["sentencepiece"], indirect=True)
+def test_byte_fallback_only_for_missing_characters(setup):
+    """Canonical SentencePiece: a character of the vocabulary is never spelled with <0xNN> pieces (its
+    byte reading gets no mass), a missing one is (and is then the only reading)."""
+    lms, brute, _ = setup
+    blm = lms["canonical"]
+    fallback = {b: i for i, b in brute.fallback.items()}
+    z = "中".encode()
+    canon = blm.canon
+    assert canon.fallback_allowed(z, 1) and canon.fallback_allowed(z, 2) and not canon.fallback_allowed(z, 3)
+    assert fallback[z[2]] in canon.banned_at(z, 2).tolist()
+    for c in "龘𝔘":
+        raw = c.encode()
+        assert canon.encode(raw) == [fallback[b] for b in raw]  # the tokenizer's own spelling
+        assert all(canon.fallback_allowed(raw, k) for k in range(1, len(raw) + 1))
+        assert fallback[raw[-1]] not in canon.banned_at(raw, len(raw) - 1).tolist()
+    # the covering tree of a CJK text holds no byte-fallback spelling of its characters (all are pieces)
+    text = "日本語の文章です".encode()
+    tree = CoverTree(blm.index, canon)
+    tree.extend(text)
+    assert not any(t in canon.fallback_ids and tree.end[i] in ends
+                   for i, t in enumerate(tree.token) for ends in [_char_ends(text)])
+
+
+def _char_ends(data: bytes) -> set[int]:
+    ends, k = set(), 0
+    for ch in data.decode():
+        k += len(ch.encode())
+        ends.add(k)
+    return ends
 
 
 @pytest.mark.parametrize("mode", ["exact", "canonical"])

@@ -159,3 +159,52 @@ def test_forward_window_chunks_see_only_their_trunk_prefix(impl):
             for path, h in zip(paths, hb):
                 ref = m(torch.tensor([path])).logits[0, -1]
                 assert torch.allclose(logits_from_hidden(m, h[None])[0], ref, atol=1e-5), (name, path)
+
+
+@pytest.mark.parametrize("order", ["interleaved", "late_child"])
+def test_forward_window_any_branch_order(order):
+    """A branch tree rooted at the trunk may be followed by children of an earlier branch token (two
+    covering trees hang off the same trunk position): chunks must keep every token with its ancestors."""
+    _, m = next(_models())
+    trunk = [1, 5, 6, 7, 8, 9, 10, 11]
+    T = len(trunk)
+    if order == "interleaved":
+        branches = [(30, 1), (31, T), (32, 4), (33, T), (34, T + 3), (35, 6), (36, T + 1)]
+    else:  # a token whose parent lies far before the last trunk-rooted tree (the "-18" of a long text)
+        branches = [(40 + k, 2 if k == 0 else T + k - 1) for k in range(20)] + [(70, 5), (71, T + 19), (72, T + 3)]
+    ht, hb = forward_window(m, trunk, branches, chunk=2)
+    paths = []
+    for t, p in branches:
+        paths.append((paths[p - T] if p >= T else trunk[: p + 1]) + [t])
+    with torch.no_grad():
+        for path, h in zip(paths, hb):
+            ref = m(torch.tensor([path])).logits[0, -1]
+            assert torch.allclose(logits_from_hidden(m, h[None])[0], ref, atol=1e-5), path
+
+
+def test_node_limit_hint_names_what_to_do_in_the_mode_in_use(smol):
+    """The hint of the node limit once told canonical-mode users to use canonical mode."""
+    from surgery.errors import SurgeryError
+
+    index = TokenIndex(smol.vocab, len(smol.vocab))
+    hints = {}
+    for mode, canon in (("exact", None), ("canonical", smol)):
+        tree = CoverTree(index, canon, max_nodes=3)
+        with pytest.raises(SurgeryError) as err:
+            tree.extend(b"the cat sat on the mat")
+        hints[mode] = err.value.hint
+        assert mode in err.value.message
+    assert "mode='canonical'" in hints["exact"]
+    assert "mode=" not in hints["canonical"] and "max_nodes" in hints["canonical"]
+
+
+def test_no_split_points_invented_inside_a_character():
+    """Gemma-3 opens pieces only at added tokens (newlines); a prefix ending inside a Cyrillic or CJK
+    character once got a split point before that character (the newline probe stood in for a character
+    that can only be Cyrillic), and every such point grew a chain of nodes to the end of the piece: time
+    grew with the square of the paragraph length. The next character completes the partial one."""
+    canon = Canonicalizer(tokenizer("gemma3-270m"), vocab("gemma3-270m"))
+    for text in ("Привет, как дела у тебя сегодня", "日本語の文章です"):
+        z = text.encode()
+        for k in range(1, len(z)):
+            assert canon.split_points(z[:k], 0) == frozenset(), (text, k)

@@ -8,7 +8,6 @@ import torch
 
 from helpers import TOKENIZER_ASSETS, asset_dir, tiny_llama, tokenizer, vocab
 from surgery.transplant import TransplantConfig, transplant, transplant_checkpoint
-from surgery.transplant.transplant import shadowed_byte_tokens
 from surgery.vocab.projection import exact_pairs
 
 pytestmark = pytest.mark.integration
@@ -22,14 +21,15 @@ def test_every_shipped_tokenizer_into_a_tiny_smollm2_shaped_model(new):
     model, rep = transplant(model, old_tok, new_tok, TransplantConfig(method="mean"), old_vocab=vocab("smollm2-135m"),
                             new_vocab=vocab(new))
     n, o = exact_pairs(vocab(new), vocab("smollm2-135m"))
-    shadowed = shadowed_byte_tokens(new_tok, vocab(new))
-    keep = ~np.isin(n, shadowed)
+    never = vocab(new).never_emitted
+    assert not np.isin(n, never).any()
     w = model.get_input_embeddings().weight
-    assert torch.equal(w[torch.as_tensor(n[keep])], before[torch.as_tensor(o[keep])])
-    # byte-fallback twins of ordinary tokens get a zero head row, so they do not halve their twin's probability
-    assert rep.data["shadowed_byte_tokens"] == len(shadowed)
-    if len(shadowed):
-        assert torch.count_nonzero(w[torch.as_tensor(shadowed)]) == 0
+    assert torch.equal(w[torch.as_tensor(n)], before[torch.as_tensor(o)])
+    # never-emitted twins (byte fallback beside an ordinary piece) get a zero head row, so they do not
+    # take probability from the twin the tokenizer emits
+    assert rep.data["never_emitted"] == len(never)
+    if len(never):
+        assert torch.count_nonzero(w[torch.as_tensor(never)]) == 0
     assert w.shape[0] % 128 == 0 and w.shape[0] >= len(new_tok) == len(rep.tokenizer)
     ids = rep.tokenizer("Debian uses dpkg: 12 Pakete, 软件包.", add_special_tokens=False)["input_ids"]
     assert torch.isfinite(model(input_ids=torch.tensor([ids])).logits).all()
@@ -80,15 +80,40 @@ def test_gemma3_base_takes_a_new_tokenizer():
     assert rep.data["counts"]["exact"] > 20000
 
 
-@pytest.mark.parametrize("name", ["gemma3-270m", "mistral-v1-tokenizer"])
-def test_shadowed_byte_tokens_are_never_emitted_and_have_an_ordinary_twin(name, text_en):
-    tok, v = tokenizer(name), vocab(name)
-    shadowed = shadowed_byte_tokens(tok, v)
-    assert len(shadowed) > 50  # SentencePiece byte fallback next to ordinary ASCII pieces
-    for i in shadowed.tolist():
-        assert tok.convert_ids_to_tokens(i).startswith("<0x")
-        twins = [j for j, s in enumerate(v.surfaces) if s == v.surfaces[i] and j != i]
-        assert twins, i
-    text = text_en + " \t\x01 ü 软件包 ~\x7f"
-    assert not set(tok(text, add_special_tokens=False)["input_ids"]) & set(shadowed.tolist())
-    assert len(shadowed_byte_tokens(tokenizer("llama3-tokenizer"), vocab("llama3-tokenizer"))) == 0
+def emitted_by_tokenizer(tok, char: str) -> int | None:
+    """The id ``tok`` produces for ``char`` after a word (None when it does not split there)."""
+    head = tok("Hello", add_special_tokens=False)["input_ids"]
+    full = tok("Hello" + char, add_special_tokens=False)["input_ids"]
+    if full[:len(head)] != head or len(full) != len(head) + 1:
+        return None
+    return full[-1]
+
+
+@pytest.mark.parametrize("new", ["llama3-tokenizer", "smollm2-135m"])
+def test_single_characters_copy_the_row_a_byte_fallback_base_emits(new):
+    """A tiny model with Gemma-3's tokenizer as the base: every single-character token of the new vocabulary
+    that Gemma-3 has reads, bit for bit, the row of the id Gemma-3's tokenizer produces for that character
+    (not its never-emitted byte-fallback twin ``<0xNN>``)."""
+    old_tok, new_tok = tokenizer("gemma3-270m"), tokenizer(new)
+    ov, nv = vocab("gemma3-270m"), vocab(new)
+    model = tiny_llama(len(old_tok), hidden=16, layers=1)
+    before = model.get_input_embeddings().weight.detach().clone()
+    model, rep = transplant(model, old_tok, new_tok, TransplantConfig(method="mean"), old_vocab=ov, new_vocab=nv)
+    w = model.get_input_embeddings().weight
+    single = {}
+    for k, t in enumerate(ov.surfaces):
+        if t is not None and len(t) == 1:
+            single.setdefault(t, []).append(k)
+    checked = twins = 0
+    for i, s in enumerate(nv.surfaces):
+        if s is None or len(s) != 1 or s[0] >= 0x80:
+            continue
+        j = emitted_by_tokenizer(old_tok, s.decode())
+        if j is None or ov.surfaces[j] != s:  # Gemma-3 has no single token for this character
+            continue
+        assert torch.equal(w[i], before[j]), (s, j)
+        checked += 1
+        twins += len(single[s]) > 1  # the base also has a byte-fallback twin for it
+    assert checked >= 90 and twins >= 80, (checked, twins)
+
+

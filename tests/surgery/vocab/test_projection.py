@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 
 from helpers import vocab
-from surgery.vocab.projection import (KIND_DECOMPOSED, KIND_EXACT, KIND_SPECIAL, KIND_UNMAPPED, ProjectionConfig,
-                                      build_projection, exact_only, exact_pairs, hkl_pairs, piece_weights,
+from surgery.vocab.projection import (KIND_DECOMPOSED, KIND_EXACT, KIND_NEVER_EMITTED, KIND_SPECIAL, KIND_UNMAPPED,
+                                      ProjectionConfig, build_projection, exact_pairs, hkl_pairs, piece_weights,
                                       to_torch_sparse)
 from surgery.vocab.surfaces import canonical_vocabulary
 from toy_tokenizers import byte_level_toy, sentencepiece_toy
@@ -122,10 +122,13 @@ def test_projection_invariants_real(a, b):
     assert isinstance(W, sp.csr_matrix) and W.shape == (len(va), len(vb))
     assert (W.data >= 0).all()
     sums = np.asarray(W.sum(axis=1)).ravel()
-    mapped = P.kind != KIND_UNMAPPED
+    mapped = np.isin(P.kind, [KIND_EXACT, KIND_DECOMPOSED, KIND_SPECIAL])
     np.testing.assert_allclose(sums[mapped], 1.0, atol=1e-5)
     assert (sums[~mapped] == 0).all()
-    assert set(P.unmapped.tolist()) == set(np.flatnonzero(~mapped).tolist())
+    assert set(P.unmapped.tolist()) == set(np.flatnonzero(P.kind == KIND_UNMAPPED).tolist())
+    # never-emitted ids: an empty row of their own kind, and no entry in their column
+    assert set(np.flatnonzero(P.kind == KIND_NEVER_EMITTED).tolist()) == set(va.never_emitted.tolist())
+    assert not np.isin(W.indices, vb.never_emitted).any()
     # exact rows are one-hot on a token with identical canonical bytes
     ex = np.flatnonzero(P.kind == KIND_EXACT)
     assert (np.diff(W.indptr)[ex] == 1).all()
@@ -140,7 +143,7 @@ def test_projection_invariants_real(a, b):
 
 
 def test_smollm2_gemma3_shared_tokens():
-    """The issue's independent count was 46,285 shared tokens by canonical bytes."""
+    """An independent count gave 46,285 shared tokens by canonical bytes."""
     ia, ib = exact_pairs(vocab("smollm2-135m"), vocab("gemma3-270m"))
     assert 45_000 <= len(ia) <= 47_500, len(ia)
 
@@ -202,14 +205,56 @@ def test_hkl_pairs_against_brute_force():
     assert (7, 3) in ref and all(i != 9 for i, _ in ref)
 
 
-def test_exact_only_and_torch_sparse():
+@pytest.mark.parametrize("a,b", [("llama3-tokenizer", "gemma3-270m"), ("gemma3-270m", "smollm2-135m"),
+                                 ("smollm2-135m", "mistral-v1-tokenizer")])
+def test_exact_pairs_use_the_emitted_twin(a, b):
+    """Every exact pair is the id b's tokenizer produces for those bytes (checked by encoding them),
+    and never a never-emitted id on either side."""
+    va, vb = vocab(a), vocab(b)
+    ia, ib = exact_pairs(va, vb)
+    assert not np.isin(ia, va.never_emitted).any() and not np.isin(ib, vb.never_emitted).any()
+    singles = [k for k in range(len(ia)) if len(va.surfaces[ia[k]]) == 1]
+    assert len(singles) > 90  # the single ASCII characters
+    enc = vb.encode_bytes_many([va.surfaces[ia[k]] for k in singles])
+    assert all(e == [int(ib[k])] for e, k in zip(enc, singles))
+    # the slow reference: every emitted a-id whose bytes b has gets exactly one pair
+    emitted_b = {}
+    for j, s in enumerate(vb.surfaces):
+        if s is not None and vb.is_emitted[j]:
+            emitted_b.setdefault(s, []).append(j)
+    assert all(len(v) == 1 for v in emitted_b.values())
+    ref = [(i, emitted_b[s][0]) for i, s in enumerate(va.surfaces)
+           if s is not None and va.is_emitted[i] and s in emitted_b]
+    assert list(zip(ia.tolist(), ib.tolist())) == ref
+
+
+def test_torch_sparse():
     import torch
 
     va, vb = canonical_vocabulary(byte_level_toy()), canonical_vocabulary(sentencepiece_toy())
     P = build_projection(va, vb)
-    E = exact_only(P)
-    ex = P.kind == KIND_EXACT
-    assert (np.diff(E.indptr)[~ex] == 0).all() and (np.diff(E.indptr)[ex] == 1).all()
     T = to_torch_sparse(P.matrix)
     x = torch.randn(3, len(va))
     np.testing.assert_allclose((x @ T.to_dense()).numpy(), x.numpy() @ P.matrix.toarray(), atol=1e-5)
+
+
+def test_fold_to_emitted_against_a_slow_reference():
+    from surgery.vocab.projection import fold_to_emitted
+
+    vb = vocab("gemma3-270m")
+    never = vb.never_emitted
+    rng = np.random.default_rng(0)
+    cols = np.concatenate([never[:20], rng.integers(0, len(vb), 30)])
+    rows = rng.integers(0, 5, len(cols))
+    vals = rng.random(len(cols))
+    W = sp.csr_matrix((vals, (rows, cols)), shape=(5, len(vb)))
+    F = fold_to_emitted(W, vb)
+    ref = {}
+    for r, c, v in zip(rows, cols, vals):
+        if c in set(never.tolist()):  # the id the tokenizer produces for the twin's bytes
+            c = vb.encode_bytes(vb.surfaces[c])[0]
+        ref[(r, c)] = ref.get((r, c), 0.0) + v
+    got = {(r, c): v for r, c, v in zip(*sp.find(F))}
+    assert got.keys() == ref.keys()
+    assert all(abs(got[k] - ref[k]) < 1e-6 for k in ref)
+    np.testing.assert_allclose(np.asarray(F.sum(1)).ravel(), np.asarray(W.sum(1)).ravel(), rtol=1e-6)

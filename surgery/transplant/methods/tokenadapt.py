@@ -1,17 +1,6 @@
-"""Init methods for the rows of new tokens, by name (``--method``).
+"""TokenAdapt init (arXiv 2505.09738), with the measured input/output refinements.
 
-Every method answers the same question for the *target* tokens (new tokens that
-have bytes but no identical old token): which combination of old rows should
-each new row be? The answer is a :class:`RowPlan` — sparse coefficient matrices
-``(T, V_old)`` for input and output rows, plus rows left to random init — so the
-model's matrices are only touched once, by :mod:`surgery.transplant.transplant`.
-
-Methods:
-
-- ``mean``: uniform mean of the old rows of the token's pieces (its bytes re-encoded
-  mid-text by the old tokenizer).
-- ``random``: ``N(mean, std)`` per dimension of the old rows.
-- ``tokenadapt``: the TokenAdapt hybrid (ALGORITHMS.md §3). *Local*: pieces ``s_j``,
+``tokenadapt``: the TokenAdapt hybrid (Sharthak et al., arXiv 2505.09738). *Local*: pieces ``s_j``,
   ``α_j = cos φ(s), φ(s_j)``, ``λ_j = len(s_j)/len(s)`` (bytes), ``c = (softmax(α)+λ)/2``,
   ``w = softmax(c/τ)``. *Global*: the ``k`` old tokens nearest to ``φ(s)`` (exact inner
   product), ``softmax(α/τ)`` over those with ``α ≥ θ``. *Hybrid*: ``(1−w)·local + w·global``;
@@ -38,141 +27,25 @@ Methods:
   per piece: published 1.620/3.160/2.746, per piece 1.579/3.105/2.824, per unit
   1.579/3.013/2.683. The split *without* offset is worse than published (first-piece rows make
   every token that starts with a frequent piece as likely as the piece itself).
-- ``omp``: donor-based (mergekit ``tokensurgeon``), in :mod:`surgery.transplant.omp`.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
+from surgery.transplant.methods.base import (SRC_GLOBAL, SRC_HYBRID, SRC_LOCAL, SRC_RANDOM, MethodInputs, RowPlan,
+                                             onehot_rows, register_method, row_scale)
+from surgery.vocab.pieces import Pieces, coef_matrix, decompose
 from surgery.vocab.surfaces import Vocabulary
-
-LOG = logging.getLogger(__name__)
-
-SRC_NONE, SRC_LOCAL, SRC_GLOBAL, SRC_HYBRID, SRC_RANDOM, SRC_MEAN, SRC_OMP = range(7)
-SOURCE_NAMES = {SRC_NONE: "none", SRC_LOCAL: "local", SRC_GLOBAL: "global", SRC_HYBRID: "hybrid",
-                SRC_RANDOM: "random", SRC_MEAN: "mean", SRC_OMP: "omp"}
-
-
-@dataclass
-class MethodInputs:
-    """What a method may use.
-
-    Attributes:
-        old_vocab, new_vocab: canonical vocabularies.
-        old_in: ``(V_old, d)`` input embedding rows of the base model.
-        old_out: ``(V_old, d)`` output rows (the same tensor as ``old_in`` when tied).
-        targets: ``(T,)`` new ids to initialize.
-        separate_output: the result will have an untied head (output rows may differ).
-        shared_new, shared_old: ``(S,)`` exact pairs (new id, old id).
-        config: the :class:`~surgery.transplant.config.TransplantConfig`.
-        aux: factory of the :class:`~surgery.transplant.aux_embeddings.AuxEmbedder` (lazy).
-        donor_in: ``(V_donor, d_donor)`` donor input rows (``omp`` only).
-        device: where dense numeric work runs.
-    """
-
-    old_vocab: Vocabulary
-    new_vocab: Vocabulary
-    old_in: torch.Tensor
-    old_out: torch.Tensor
-    targets: np.ndarray
-    separate_output: bool
-    shared_new: np.ndarray
-    shared_old: np.ndarray
-    config: object
-    aux: Callable | None = None
-    donor_in: torch.Tensor | None = None
-    device: str = "cpu"
-    progress: bool = False
-
-
-@dataclass
-class RowPlan:
-    """Coefficients of the new rows over the old rows.
-
-    Attributes:
-        coef_in: ``(T, V_old)`` CSR float64; row ``t`` gives target ``t``'s input row.
-        coef_out: ``(T, V_old)`` CSR for output rows, or ``None`` (same as ``coef_in``).
-        source: ``(T,)`` int8 ``SRC_*`` code; rows with ``SRC_RANDOM`` are drawn from ``N(mean, std)``.
-        stats: counts and timings for the report.
-        out_bias: ``(T,)`` logit offsets for the output rows (added along the bias direction of
-            :mod:`surgery.transplant.calibration`), or ``None``.
-    """
-
-    coef_in: sp.csr_matrix
-    coef_out: sp.csr_matrix | None
-    source: np.ndarray
-    stats: dict = field(default_factory=dict)
-    out_bias: np.ndarray | None = None
-
-
-METHODS: dict[str, Callable[[MethodInputs], RowPlan]] = {}
 
 # logit offset per extra unit (io_split="pieces"), measured on dev slices of the shipped train texts
 # (SmolLM2-135M ← Llama-3, mean bits/byte over en/de/zh, offset per piece): tied 2.642 → 2.581 with
 # -1.0; untied with input/output focus 0.5: 2.553 with -1.5 (-1.0: 2.579, -2.0: 2.553).
 DEFAULT_BIAS_TIED = -1.0
 DEFAULT_BIAS_UNTIED = -1.5
-
-
-def register_method(name: str):
-    """Register an init method under ``name`` (used by ``--method``)."""
-
-    def deco(fn):
-        METHODS[name] = fn
-        return fn
-
-    return deco
-
-
-# --------------------------------------------------------------------------- pieces
-@dataclass(frozen=True)
-class Pieces:
-    """Old-tokenizer pieces of the targets, flattened in target order.
-
-    Attributes:
-        ids: ``(P,)`` old ids.
-        owner: ``(P,)`` target index of each piece.
-        counts: ``(T,)`` pieces per target.
-    """
-
-    ids: np.ndarray
-    owner: np.ndarray
-    counts: np.ndarray
-
-    @property
-    def starts(self) -> np.ndarray:
-        return np.cumsum(self.counts) - self.counts
-
-    def first(self) -> np.ndarray:
-        """``(T,)`` first piece's old id (-1 when none)."""
-        out = np.full(len(self.counts), -1, dtype=np.int64)
-        nz = self.counts > 0
-        out[nz] = self.ids[self.starts[nz]]
-        return out
-
-    def last(self) -> np.ndarray:
-        """``(T,)`` last piece's old id (-1 when none)."""
-        out = np.full(len(self.counts), -1, dtype=np.int64)
-        nz = self.counts > 0
-        out[nz] = self.ids[self.starts[nz] + self.counts[nz] - 1]
-        return out
-
-
-def decompose(new_vocab: Vocabulary, old_vocab: Vocabulary, targets: np.ndarray) -> Pieces:
-    """Re-encode each target's bytes mid-text with the old tokenizer."""
-    encs = old_vocab.encode_bytes_many([new_vocab.surfaces[int(t)] for t in targets])
-    counts = np.fromiter((len(e) for e in encs), dtype=np.int64, count=len(encs))
-    ids = np.fromiter((i for e in encs for i in e), dtype=np.int64, count=int(counts.sum()))
-    owner = np.repeat(np.arange(len(targets)), counts)
-    return Pieces(ids, owner, counts)
 
 
 def segment_softmax(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -231,21 +104,6 @@ def global_weights(scores: np.ndarray, temperature: float, threshold: float) -> 
     return w, valid
 
 
-def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape) -> sp.csr_matrix:
-    m = sp.csr_matrix((np.asarray(vals, dtype=np.float64), (rows, cols)), shape=shape)
-    m.sum_duplicates()
-    return m
-
-
-def _onehot_rows(ids: np.ndarray, n_cols: int) -> sp.csr_matrix:
-    ok = ids >= 0
-    return _csr(np.flatnonzero(ok), ids[ok], np.ones(int(ok.sum())), (len(ids), n_cols))
-
-
-def _row_scale(m: sp.csr_matrix, s: np.ndarray) -> sp.csr_matrix:
-    return sp.csr_matrix(sp.diags(np.asarray(s, dtype=np.float64)) @ m)
-
-
 def apply_io_split(coef: sp.csr_matrix, pieces: Pieces, input_focus: float, output_focus: float
                    ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """Input rows lean on the last piece, output rows on the first (tokens with ≥ 2 pieces).
@@ -256,29 +114,9 @@ def apply_io_split(coef: sp.csr_matrix, pieces: Pieces, input_focus: float, outp
     multi = (pieces.counts >= 2).astype(np.float64)
     n = coef.shape[1]
     last, first = pieces.last(), pieces.first()
-    cin = _row_scale(coef, 1 - input_focus * multi) + _row_scale(_onehot_rows(last, n), input_focus * multi)
-    cout = _row_scale(coef, 1 - output_focus * multi) + _row_scale(_onehot_rows(first, n), output_focus * multi)
+    cin = row_scale(coef, 1 - input_focus * multi) + row_scale(onehot_rows(last, n), input_focus * multi)
+    cout = row_scale(coef, 1 - output_focus * multi) + row_scale(onehot_rows(first, n), output_focus * multi)
     return cin.tocsr(), cout.tocsr()
-
-
-# --------------------------------------------------------------------------- methods
-@register_method("random")
-def random_init(inp: MethodInputs) -> RowPlan:
-    """Every target row drawn from ``N(mean, std)`` of the old rows."""
-    T, V = len(inp.targets), inp.old_in.shape[0]
-    empty = sp.csr_matrix((T, V), dtype=np.float64)
-    return RowPlan(empty, None, np.full(T, SRC_RANDOM, dtype=np.int8), {"random": T})
-
-
-@register_method("mean")
-def mean_init(inp: MethodInputs) -> RowPlan:
-    """Uniform mean of the pieces' old rows (random where the old tokenizer yields no piece)."""
-    t0 = time.time()
-    pieces = decompose(inp.new_vocab, inp.old_vocab, inp.targets)
-    w = 1.0 / np.repeat(np.maximum(pieces.counts, 1), pieces.counts)
-    coef = _csr(pieces.owner, pieces.ids, w, (len(inp.targets), inp.old_in.shape[0]))
-    src = np.where(pieces.counts > 0, SRC_MEAN, SRC_RANDOM).astype(np.int8)
-    return RowPlan(coef, None, src, {"seconds_decompose": round(time.time() - t0, 2)})
 
 
 def _aux_embeddings(inp: MethodInputs):
@@ -287,7 +125,9 @@ def _aux_embeddings(inp: MethodInputs):
 
     aux = inp.aux()
     cache = getattr(inp.config, "cache_dir", None)
-    old_ids = np.flatnonzero(np.fromiter((s is not None for s in inp.old_vocab.surfaces), bool, len(inp.old_vocab)))
+    has_surface = np.fromiter((s is not None for s in inp.old_vocab.surfaces), bool, len(inp.old_vocab))
+    # never-emitted twins share their twin's text (and aux vector): as neighbours they would win ties
+    old_ids = np.flatnonzero(has_surface & inp.old_vocab.is_emitted)
     t0 = time.time()
     phi_old, st_old = vocab_embeddings(aux, inp.old_vocab, old_ids, cache, inp.progress)
     phi_new, st_new = vocab_embeddings(aux, inp.new_vocab, inp.targets, cache, inp.progress)
@@ -365,11 +205,11 @@ def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
     t1 = time.time()
     has_phi = row_of_old[pieces.ids] >= 0
     if not has_phi.all():  # pieces without a surface cannot happen mid-text; drop them defensively
-        pieces = Pieces(pieces.ids[has_phi], pieces.owner[has_phi], np.bincount(pieces.owner[has_phi], minlength=T))
+        pieces = pieces.select(has_phi)
     tok_len = inp.new_vocab.surface_lengths[inp.targets].astype(np.float64)
-    piece_len = inp.old_vocab.surface_lengths[pieces.ids].astype(np.float64)
+    piece_len = pieces.lengths.astype(np.float64)
     wl = local_weights(phi_new, phi_old[row_of_old[pieces.ids]], pieces, tok_len, piece_len, cfg.temperature)
-    loc = _csr(pieces.owner, pieces.ids, wl, (T, V))
+    loc = coef_matrix(pieces.owner, pieces.ids, wl, (T, V))
     has_loc = pieces.counts > 0
     t_loc = time.time() - t1
 
@@ -379,7 +219,7 @@ def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
         scores, nn = neighbours_dedup(phi_new, phi_old, cfg.top_k, inp.device, inp.progress)
         wg, has_glob = global_weights(np.where(nn >= 0, scores, -np.inf), cfg.temperature, cfg.threshold)
         k = wg.shape[1]
-        glob = _csr(np.repeat(np.arange(T), k), old_ids[np.maximum(nn, 0).ravel()], wg.ravel(), (T, V))
+        glob = coef_matrix(np.repeat(np.arange(T), k), old_ids[np.maximum(nn, 0).ravel()], wg.ravel(), (T, V))
     else:
         has_glob = np.zeros(T, dtype=bool)
         glob = sp.csr_matrix((T, V), dtype=np.float64)
@@ -388,7 +228,7 @@ def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
     both = has_loc & has_glob
     a_loc = np.where(both, 1.0 - cfg.global_weight, has_loc.astype(np.float64))
     a_glob = np.where(both, cfg.global_weight, (has_glob & ~has_loc).astype(np.float64))
-    coef = (_row_scale(loc, a_loc) + _row_scale(glob, a_glob)).tocsr()
+    coef = (row_scale(loc, a_loc) + row_scale(glob, a_glob)).tocsr()
     src = np.select([both, has_loc, has_glob], [SRC_HYBRID, SRC_LOCAL, SRC_GLOBAL], SRC_RANDOM).astype(np.int8)
     coef_out = None
     out_bias = None
@@ -418,6 +258,3 @@ def tokenadapt(inp: MethodInputs) -> RowPlan:
 def tokenadapt_published(inp: MethodInputs) -> RowPlan:
     """TokenAdapt hybrid exactly as published (one estimate for input and output rows)."""
     return tokenadapt_plan(inp, "none")
-
-
-from surgery.transplant import omp as _omp  # noqa: E402,F401  (registers "omp")
