@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from distill.losses.base import LossConfig
 
 
 def _h(text: str) -> dict:
@@ -28,6 +31,8 @@ class LoraConfig:
         p = []
         if self.r < 1:
             p.append(f"r must be >= 1, got {self.r}")
+        if not 0 < self.alpha < math.inf:
+            p.append(f"alpha must be a finite number > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             p.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.enabled and not self.target_modules:
@@ -54,7 +59,7 @@ class TeacherConfig:
     trust_remote_code: bool = field(default=False, metadata=_h("allow custom model code from the hub"))
 
     def validate(self) -> list[str]:
-        return [] if self.weight >= 0 else [f"weight must be >= 0, got {self.weight}"]
+        return [] if 0 <= self.weight < math.inf else [f"weight must be a finite number >= 0, got {self.weight}"]
 
 
 @dataclass(frozen=True)
@@ -65,66 +70,8 @@ class WeightingConfig:
         "dynamic score: -teacher bits/byte on the batch (ce), -mean entropy, or mean max probability"))
     alpha: float = field(default=1.0, metadata=_h("softmax sharpness of dynamic weights (0 = uniform)"))
 
-
-@dataclass(frozen=True)
-class LossConfig:
-    name: str = field(default="pkl", metadata=_h("distillation loss: pkl, hkl, tkl, uld, gold, kl, ce"))
-    temperature: float = field(default=1.0, metadata=_h("softmax temperature of both sides; terms scaled by T^2"))
-    direction: Literal["forward", "reverse"] = field(default="forward", metadata=_h(
-        "forward: KL(teacher || student); reverse: KL(student || teacher)"))
-    ce_weight: float = field(default=1.0, metadata=_h(
-        "weight of the student's own cross-entropy (name=ce trains on the plain cross-entropy); with rescale_kd "
-        "the X-Token reference adds the full CE (its CE scale 0.1 applies only without rescaling)"))
-    kd_weight: float = field(default=1.0, metadata=_h("weight of the distillation term"))
-    rescale_kd: bool = field(default=True, metadata=_h(
-        "multiply each distillation term by CE/KD (detached) so it has the magnitude of CE"))
-    top_k: int = field(default=8192, metadata=_h("pkl: teacher columns kept per batch (by teacher mass)"))
-    uld_topk: int = field(default=8192, metadata=_h(
-        "uld/hkl/gold: sorted entries compared (rest summarized by its mass); 0 = exact full sort"))
-    uld_weight: float = field(default=1.0, metadata=_h("hkl/gold: weight of the ULD term on the rest"))
-    hkl_threshold: float = field(default=0.6, metadata=_h("hkl: minimum projection weight for a token pair"))
-    rest_column: bool = field(default=False, metadata=_h(
-        "pkl/hkl/gold: also match the mass outside the compared columns as one extra column (false: renormalize "
-        "on them, as the X-Token reference; the extra column makes the student copy the teacher's mass on tokens "
-        "it cannot express onto unrelated tokens of its own)"))
-    mass_weight: bool = field(default=True, metadata=_h(
-        "pkl/hkl/gold with rest_column=false: weight each chunk by the teacher's mass on the compared columns "
-        "(the chain-rule term of KL for the part of the teacher's distribution the student can express)"))
-    project: Literal["auto", "student_to_teacher", "teacher_to_student"] = field(default="auto", metadata=_h(
-        "pkl: which distribution goes through a projection. student_to_teacher: q = Wᵀ p_s in the teacher's "
-        "vocabulary (ALGORITHMS.md); teacher_to_student: the teacher mapped onto the first student token of each "
-        "of its tokens (X-Token's project_teacher_to_student); auto: per batch, the side that used fewer tokens "
-        "per byte of the text (longer tokens) is projected onto the other's vocabulary"))
-    expressible_rest: bool = field(default=True, metadata=_h(
-        "pkl: condition the teacher on the columns some student token maps to and compare on the top-k columns "
-        "plus one column for the rest of those (so the student cannot leak mass outside the top-k, and is not asked "
-        "to copy the teacher's mass on tokens it cannot express); false: rest_column / renormalize"))
-    exact_chunks_only: bool = field(default=False, metadata=_h(
-        "pkl: compare only chunks of one token with identical bytes on each side (X-Token's "
-        "exact_token_match_only); elsewhere the two next-token distributions are over different events"))
-    chunk_positions: Literal["first", "mean"] = field(default="first", metadata=_h(
-        "first: compare each chunk's first position on both sides (same byte context, both predict what "
-        "starts at the chunk); mean: average each side's distributions over the chunk's positions (X-Token)"))
-
     def validate(self) -> list[str]:
-        from distill.losses import loss_names
-
-        p = []
-        if self.name not in loss_names():
-            p.append(f"name: {self.name!r} is not a registered loss (choose one of {', '.join(loss_names())})")
-        if self.temperature <= 0:
-            p.append(f"temperature must be > 0, got {self.temperature}")
-        if self.ce_weight < 0 or self.kd_weight < 0:
-            p.append("ce_weight and kd_weight must be >= 0")
-        if self.top_k < 1:
-            p.append(f"top_k must be >= 1, got {self.top_k}")
-        if self.uld_topk < 0:
-            p.append(f"uld_topk must be >= 0, got {self.uld_topk}")
-        if not 0 < self.hkl_threshold <= 1:
-            p.append(f"hkl_threshold must be in (0, 1], got {self.hkl_threshold}")
-        if self.name != "ce" and self.ce_weight == 0 and self.kd_weight == 0:
-            p.append("ce_weight and kd_weight are both 0: nothing would be trained")
-        return p
+        return [] if math.isfinite(self.alpha) else [f"alpha must be a finite number, got {self.alpha}"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +112,8 @@ class DataConfig:
             p.append(f"max_tokens must be >= 4, got {self.max_tokens}")
         if self.max_blocks is not None and self.max_blocks < 1:
             p.append(f"max_blocks must be >= 1, got {self.max_blocks}")
+        if self.max_documents is not None and self.max_documents < 1:
+            p.append(f"max_documents must be >= 1, got {self.max_documents}")
         return p
 
 
@@ -203,15 +152,23 @@ class TrainConfig:
             p.append("batch_size and micro_batch_size must be >= 1")
         elif self.batch_size % self.micro_batch_size:
             p.append(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
-        if self.lr <= 0:
-            p.append(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            p.append(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            p.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            p.append(f"betas must lie in [0, 1), got {list(self.betas)}")
+        if self.eval_max_length < 2:
+            p.append(f"eval_max_length must be >= 2 tokens, got {self.eval_max_length}")
+        if self.eval_max_bytes < 1:
+            p.append(f"eval_max_bytes must be >= 1, got {self.eval_max_bytes}")
         if not 0 <= self.warmup_steps <= self.steps:
             p.append(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             p.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("eval_every", "checkpoint_every", "grad_clip"):
-            if getattr(self, name) < 0:
-                p.append(f"{name} must be >= 0")
+            if not 0 <= getattr(self, name) < math.inf:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             p.append("keep_checkpoints must be >= 1")
         if self.log_every < 1:

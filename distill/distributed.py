@@ -76,14 +76,6 @@ def all_gather_object(env: DistEnv, obj):
     return out
 
 
-def broadcast_object(env: DistEnv, obj):
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_reduce_mean(env: DistEnv, x: torch.Tensor) -> torch.Tensor:
     if not env.distributed:
         return x

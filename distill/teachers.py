@@ -13,8 +13,8 @@ Top-k cache. A large teacher need run only once: :class:`TopKCache` runs it
 over every training block, keeps the ``k`` largest logits per position with
 their ids, the exact log-partition and the per-position statistics above, and
 writes them to ``.npy`` files that are memory-mapped and streamed back per
-batch. The cache is keyed to the teacher, its tokenizer, the exact blocks and
-``max_tokens``; a mismatch is an error, never a silent reuse. Under torchrun
+batch. The cache records what it was built from (teacher, tokenizer hash, blocks hash,
+``max_tokens``, k); a stale or truncated cache is rebuilt with a log line, never reused. Under torchrun
 every rank computes its share of the blocks.
 """
 
@@ -133,10 +133,14 @@ class TopKCache:
 
     @classmethod
     def open_matching(cls, path: str | Path, key: dict) -> "TopKCache | None":
-        """Open the cache at ``path`` if it exists; None if absent.
+        """Open the cache at ``path`` if it was built from exactly ``key``; None if absent.
+
+        A cache built from something else (another teacher, tokenizer, data, ``max_tokens`` or k: its
+        ``meta.json`` records their hashes) or with missing/truncated files is removed with a log line
+        and None is returned, so the caller rebuilds it; a stale cache is never used.
 
         Raises:
-            SurgeryError: it exists but was built for another teacher, tokenizer, data or k.
+            SurgeryError: ``path`` is a non-empty folder that is not a teacher cache (nothing is deleted).
         """
         p = Path(path)
         if not (p / "meta.json").exists():
@@ -144,12 +148,27 @@ class TopKCache:
                 raise SurgeryError(f"teacher cache folder {str(p)!r} exists but holds no meta.json",
                                    "delete it or set cache.dir to an empty/new folder")
             return None
-        cache = cls(p)
-        diff = [k for k in key if cache.meta.get(k) != key[k]]
-        if diff:
-            raise SurgeryError(f"teacher cache {str(p)!r} was built for other settings (differs in: {', '.join(diff)})",
-                               "delete it, or set cache.dir to another folder")
-        return cache
+        problem = None
+        try:
+            cache = cls(p)
+            diff = [k for k in key if cache.meta.get(k) != key[k]]
+            if diff:
+                problem = f"was built for other settings (differs in: {', '.join(diff)})"
+            elif not cache.complete(key):
+                problem = "is truncated"
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            problem = f"is unreadable ({type(e).__name__})"
+        if problem is None:
+            return cache
+        LOG.warning("teacher cache %s %s: rebuilding it", p, problem)
+        shutil.rmtree(p, ignore_errors=True)
+        return None
+
+    def complete(self, key: dict) -> bool:
+        """Every file has the shape the key implies (a cut file fails to map or maps fewer rows)."""
+        n, L, k = key["n_blocks"], key["max_tokens"], key["top_k"]
+        return (self.ids.shape == (n, L, k) and self.logits.shape == (n, L, k) and self.lse.shape == (n, L)
+                and self.stats.shape == (n, L, len(STAT_NAMES)) and self.lengths.shape == (n,))
 
     def read(self, block_ids: Sequence[int], lengths: Sequence[int], L: int, device) -> tuple[TeacherDist, torch.Tensor]:
         """The cached teacher for a batch of blocks, laid out like the live teacher's ``(B·L, ·)`` rows.

@@ -23,7 +23,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from surgery.config import describe, load_config, to_yaml
+    from surgery.config import load_config, to_yaml
+    from surgery.config_flags import describe
     from surgery.errors import SurgeryError
 
     from distill.config import DistillConfig

@@ -16,34 +16,28 @@ DESCRIPTION = (
 
 
 def add_arguments(p):
+    from surgery.config_flags import add_config_arguments
     from surgery.tokenizer_design.supertokens import METHODS, SupertokenConfig
 
-    d = SupertokenConfig()
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     t = sub.add_parser("train", help="train a tokenizer from text files", description=DESCRIPTION)
     t.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
     t.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 training text file(s)")
-    t.add_argument("--vocab-size", type=int, required=True, help="final vocabulary size (specials and 256 bytes included)")
     t.add_argument("--out", required=True, help="output tokenizer folder")
-    t.add_argument("--method", choices=sorted(METHODS), default=d.method, help=f"default {d.method}")
-    t.add_argument("--transition", type=int, default=None,
-                   help=f"superbpe: vocabulary size where stage 2 starts (default {d.transition_fraction:g} x vocab size)")
-    t.add_argument("--min-frequency", type=int, default=d.min_frequency, help=f"least pair count merged (default {d.min_frequency})")
-    t.add_argument("--chunk-min", type=int, default=d.chunk_min, help=f"chunks: shortest chunk in characters (default {d.chunk_min})")
-    t.add_argument("--chunk-max", type=int, default=d.chunk_max, help=f"chunks: longest chunk in characters (default {d.chunk_max})")
-    t.add_argument("--seed", type=int, default=d.seed, help="chunks: random seed")
+    add_config_arguments(t, SupertokenConfig, fields=("vocab_size", "method", "transition", "transition_fraction",
+                                                      "min_frequency", "chunk_min", "chunk_max", "seed"),
+                         required=("vocab_size",), choices={"method": METHODS})
     t.add_argument("--with-control", action="store_true", help="also train the same-size standard BPE into OUT/bpe-control")
     t.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def run(args) -> int:
+    from surgery.config_flags import config_from_args
     from surgery.tokenizer_design.supertokens import SupertokenConfig, train_supertokens
 
-    cfg = SupertokenConfig(method=args.method, vocab_size=args.vocab_size, transition=args.transition,
-                           min_frequency=args.min_frequency, chunk_min=args.chunk_min, chunk_max=args.chunk_max,
-                           seed=args.seed).validate()
+    cfg = config_from_args(SupertokenConfig, args)  # every bad value reported at once, exit 2
     res = train_supertokens(args.text, args.out, cfg, with_control=args.with_control, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(res.as_dict()))

@@ -38,11 +38,12 @@ import logging
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from surgery.errors import ConfigError, SurgeryError
+from surgery.config import Config
+from surgery.errors import SurgeryError
 
 LOG = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ CONTROL_DIR = "bpe-control"
 
 
 @dataclass(frozen=True)
-class SupertokenConfig:
+class SupertokenConfig(Config):
     """How to train a superword tokenizer.
 
     Attributes:
@@ -87,14 +88,18 @@ class SupertokenConfig:
         seed: ``chunks`` only: random chunk lengths.
     """
 
-    method: str = "superbpe"
-    vocab_size: int = 32000
-    transition: int | None = None
-    transition_fraction: float = 0.8
-    min_frequency: int = 2
-    chunk_min: int = 4
-    chunk_max: int = 23
-    seed: int = 0
+    HINT = "fix the listed values (see `surgery supertokens train --help`)"
+
+    method: str = field(default="superbpe", metadata={"help": "superbpe, chunks (TokenAdapt's random chunks) or bpe"})
+    vocab_size: int = field(default=32000, metadata={
+        "help": "final vocabulary size (specials and the 256 byte tokens included)"})
+    transition: int | None = field(default=None, metadata={
+        "help": "superbpe: vocabulary size where stage 2 starts (default: transition_fraction x vocab size)"})
+    transition_fraction: float = field(default=0.8, metadata={"help": "default transition as a fraction of vocab_size"})
+    min_frequency: int = field(default=2, metadata={"help": "least pair count merged (every stage, every method)"})
+    chunk_min: int = field(default=4, metadata={"help": "chunks: shortest chunk in characters"})
+    chunk_max: int = field(default=23, metadata={"help": "chunks: longest chunk in characters"})
+    seed: int = field(default=0, metadata={"help": "chunks: random chunk lengths"})
 
     @property
     def transition_size(self) -> int:
@@ -103,12 +108,8 @@ class SupertokenConfig:
             return self.transition
         return max(MIN_VOCAB, int(round(self.transition_fraction * self.vocab_size)))
 
-    def validate(self) -> "SupertokenConfig":
-        """Check every field; all problems are reported at once.
-
-        Raises:
-            ConfigError: unknown method, sizes out of range, inconsistent chunk lengths.
-        """
+    def validate(self) -> list[str]:
+        """Every problem with the fields (checked when the config is built: :class:`surgery.config.Config`)."""
         problems = []
         floor = MIN_VOCAB
         if self.method not in METHODS:
@@ -127,9 +128,7 @@ class SupertokenConfig:
             problems.append(f"min_frequency {self.min_frequency} must be >= 1")
         if not 1 <= self.chunk_min <= self.chunk_max:
             problems.append(f"chunk lengths must satisfy 1 <= chunk_min ({self.chunk_min}) <= chunk_max ({self.chunk_max})")
-        if problems:
-            raise ConfigError(problems, "fix the listed values (see `surgery supertokens train --help`)")
-        return self
+        return problems
 
 
 # -- components ---------------------------------------------------------------------------------
@@ -349,7 +348,6 @@ def train_tokenizer(texts: Sequence[str], config: SupertokenConfig, with_info: b
         A ``tokenizers.Tokenizer``; with ``with_info`` a pair ``(tokenizer, info)`` where info holds
         method details (e.g. the stage-1 size actually reached by ``superbpe``).
     """
-    config.validate()
     tok, info = METHODS[config.method](texts, config)
     if tok.get_vocab_size() < config.vocab_size:
         LOG.warning("%s: the text supports only %d of %d tokens (no pair occurs %d+ times); train on more text "
@@ -401,8 +399,7 @@ def train_supertokens(text_paths: Sequence[str | Path], out: str | Path, config:
     from surgery.checkpoint import atomic_output_dir, check_output_free
     from surgery.textio import read_texts
 
-    config.validate()
-    check_output_free(out, overwrite)
+    check_output_free(out, overwrite, inputs=tuple(text_paths))
     texts = read_texts(text_paths)
     base_meta = {
         "texts": [{"path": str(p), **text_fingerprint(t)} for p, t in zip(text_paths, texts)],

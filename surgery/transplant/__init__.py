@@ -5,7 +5,8 @@ Public API:
 - :func:`transplant` (in memory) and :func:`transplant_checkpoint` (folder → folder);
 - :class:`TransplantConfig`, :class:`HealConfig`;
 - :data:`METHODS` (``tokenadapt``, ``tokenadapt-published``, ``omp``, ``mean``, ``random``);
-- :func:`heal` / :func:`heal_checkpoint` (short training of the new rows).
+- the rows file heal reads (``transplant_rows.json``); healing itself is
+  :func:`distill.trainer.heal_run.heal`, run by ``surgery heal``.
 """
 
 from surgery.transplant.config import HealConfig, TransplantConfig

@@ -1,29 +1,24 @@
-"""Frozen, validated configuration of a transplant and of a heal run.
+"""Frozen, validated configuration of a transplant and of a heal run, on the project's config system.
 
-One config system for the CLI, recipes and benchmarks: unknown keys are errors
-(:meth:`TransplantConfig.from_dict`), and every violated rule is reported at once
-through :class:`surgery.errors.ConfigError`.
+Both are :class:`surgery.config.Config` dataclasses: ``validate()`` holds the rules, every violated
+rule is reported at once (:class:`surgery.errors.ConfigError`) when one is built, ``from_dict`` /
+YAML with ``key=value`` overrides rejects unknown keys, and the commands' flags are generated from the
+fields (:mod:`surgery.config_flags`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import Literal
 
-from surgery.errors import ConfigError
+from surgery.config import Config
 
 SPLITS = ("none", "pieces")
-
-
-def _from_dict(cls, d: dict):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError([f"unknown config key {k!r}" for k in unknown], f"valid keys: {', '.join(sorted(known))}")
-    return cls(**d)
+PARAMS = ("new-rows", "head", "lora", "all")
 
 
 @dataclass(frozen=True)
-class TransplantConfig:
+class TransplantConfig(Config):
     """Parameters of :func:`surgery.transplant.transplant`.
 
     The defaults are the TokenAdapt reference values (k=3, τ=0.3, w=0.3, θ=0, pad to 128)
@@ -36,7 +31,7 @@ class TransplantConfig:
     temperature: float = field(default=0.3, metadata={"help": "softmax temperature τ of local and global weights"})
     global_weight: float = field(default=0.3, metadata={"help": "hybrid weight w of the global estimate"})
     threshold: float = field(default=0.0, metadata={"help": "global heuristic: drop neighbours with cosine < θ"})
-    io_split: str = field(default="pieces", metadata={
+    io_split: Literal["pieces", "none"] = field(default="pieces", metadata={
         "help": "'pieces': merged tokens get a logit offset per extra piece and, on an untied head, input rows "
                 "lean on the last piece and output rows on the first (see methods); 'none': as published"})
     input_focus: float = field(default=0.5, metadata={"help": "io_split=pieces: weight of the last piece in input rows"})
@@ -44,7 +39,7 @@ class TransplantConfig:
     output_bias: float | None = field(default=None, metadata={
         "help": "io_split=pieces: logit offset per extra character-starting piece of a merged token (0 = off; default: -1.0 on a "
                 "tied head, -1.5 on an untied one, the measured best); see calibration"})
-    calibration_texts: tuple = field(default=(), metadata={
+    calibration_texts: tuple[str, ...] = field(default=(), metadata={
         "help": "text files for fitting the logit-bias direction (default: the shipped train texts)"})
     donor: str | None = field(default=None, metadata={"help": "omp: donor model that already speaks the new tokenizer"})
     omp_k: int = field(default=8, metadata={"help": "omp: non-zero coefficients per new token (8: best of 4/8/16/64 measured)"})
@@ -61,11 +56,13 @@ class TransplantConfig:
     device: str | None = field(default=None, metadata={"help": "cpu or cuda for the numeric work (default: cuda if present)"})
     aux_batch_size: int = field(default=512, metadata={"help": "aux model batch size"})
     aux_max_seq_length: int = field(default=16, metadata={"help": "aux model max tokens per token string"})
-    aux_dtype: str = field(default="auto", metadata={
+    aux_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "aux model dtype: auto (bf16 where the hardware has it), float32, bfloat16, float16"})
     cache_dir: str = field(default="artifacts/cache/aux", metadata={"help": "aux embedding cache folder"})
 
-    def __post_init__(self):
+    HINT = "see `surgery transplant --help`"
+
+    def validate(self) -> list[str]:
         problems = []
         if self.top_k < 1:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
@@ -101,51 +98,65 @@ class TransplantConfig:
             problems.append(f"unknown method {self.method!r} (known: {', '.join(sorted(METHODS))})")
         elif self.method == "omp" and not self.donor:
             problems.append("method 'omp' needs a donor model (--donor MODEL)")
-        if problems:
-            raise ConfigError(problems, "see `surgery transplant --help`")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TransplantConfig":
-        return _from_dict(cls, d)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["calibration_texts"] = list(self.calibration_texts)
-        return d
+        return problems
 
 
 @dataclass(frozen=True)
-class HealConfig:
-    """Parameters of :func:`surgery.transplant.heal.heal`.
+class HealConfig(Config):
+    """Parameters of a heal run (``surgery heal``): a transplanted model trained on text, resumable.
 
-    Exactly one of ``steps`` and ``minutes`` bounds the run.
+    Exactly one of ``steps`` and ``minutes`` bounds the run. ``params`` says what is trained:
+    ``new-rows`` (default) the embedding and head rows the transplant initialized, row-sparse with a lazy
+    per-row Adam; ``head`` only their head rows (the body runs forward only); ``lora`` the new rows plus LoRA
+    adapters on the body (merged at the end); ``all`` every parameter (dense AdamW at ``all_lr``).
     """
+
+    HINT = "see `surgery heal --help` and `surgery heal --help-config`"
 
     steps: int | None = field(default=None, metadata={"help": "optimizer steps"})
     minutes: float | None = field(default=None, metadata={"help": "wall-clock budget instead of steps"})
-    lr: float = field(default=2e-3, metadata={"help": "learning rate of the new rows (row-sparse Adam)"})
+    params: Literal["new-rows", "head", "lora", "all"] = field(default="new-rows", metadata={
+        "help": "what is trained: new-rows (input and head rows the transplant initialized, row-sparse), head (their "
+                "head rows only: forward-only body, about 2x faster steps), lora (new rows + LoRA on the body), all "
+                "(every parameter, dense)"})
+    lr: float = field(default=2e-3, metadata={"help": "learning rate of the trained rows (row-sparse Adam)"})
     negatives: int = field(default=1024, metadata={
         "help": "also train the head rows of the N trainable tokens the batch's softmax favours most (their "
                 "push-down); measured: 0 → 1024 helped every language (SmolLM2 <- Llama-3, 60 CPU steps)"})
-    lora: bool = field(default=False, metadata={"help": "also train LoRA adapters on the attention/MLP projections"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_lr: float = field(default=2e-4, metadata={"help": "learning rate of the LoRA adapters"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (params=lora)"})
+    lora_lr: float = field(default=2e-4, metadata={"help": "learning rate of the LoRA adapters (params=lora)"})
+    all_lr: float = field(default=1e-4, metadata={"help": "learning rate of every parameter (params=all, AdamW)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
     batch_size: int = field(default=4, metadata={"help": "sequences per step"})
-    warmup: int = field(default=5, metadata={"help": "linear warm-up steps (then cosine to 10% over the step or time budget)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup: int = field(default=5, metadata={
+        "help": "linear warm-up steps (then cosine to 10% over the step or time budget)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (LoRA adapters, params=all)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
-    train_rows: str = field(default="new", metadata={"help": "'new': only rows that were not copied; 'all': every row"})
-    input_rows: bool = field(default=True, metadata={
-        "help": "train input rows too (needs a backward pass through the body); False: head rows only, forward-only "
-                "body (about 2x faster steps; on a tied head the shared rows are trained as head rows)"})
-    autocast: str = field(default="auto", metadata={
+    train_rows: Literal["new", "all"] = field(default="new", metadata={
+        "help": "rows that may move: new (only rows the transplant did not copy) or all (every row)"})
+    autocast: Literal["auto", "bf16", "off"] = field(default="auto", metadata={
         "help": "mixed precision: auto (bf16 on CUDA; float32 on CPU, measured faster there), bf16, off"})
-    checkpoint_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every N steps"})
+    checkpoint_every: int = field(default=50, metadata={"help": "write a resumable state every N steps"})
+    eval_every: int = field(default=0, metadata={
+        "help": "bits/byte of the eval text every N steps, into the metrics (0: before and after only)"})
     seed: int = field(default=0, metadata={"help": "data order and init seed"})
+    teacher: str = field(default="none", metadata={
+        "help": "none (next-token CE only), auto (the base model named in the input's transplant_report.json, with "
+                "its own tokenizer) or a model: teaches through --loss on blocks of the text"})
+    loss: str = field(default="alm", metadata={
+        "help": "the teacher's cross-vocabulary loss (alm, pkl, hkl, tkl, uld, gold; with --teacher)"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if present)"})
 
-    def __post_init__(self):
+    @property
+    def input_rows(self) -> bool:
+        """Whether input rows are trained (everything but ``params=head``)."""
+        return self.params != "head"
+
+    @property
+    def lora(self) -> bool:
+        return self.params == "lora"
+
+    def validate(self) -> list[str]:
         problems = []
         if (self.steps is None) == (self.minutes is None):
             problems.append("give exactly one of steps and minutes")
@@ -153,8 +164,9 @@ class HealConfig:
             problems.append(f"steps must be >= 1, got {self.steps}")
         if self.minutes is not None and not self.minutes > 0:
             problems.append(f"minutes must be > 0, got {self.minutes}")
-        if not self.lr > 0 or not self.lora_lr > 0:
-            problems.append("learning rates must be > 0")
+        for name in ("lr", "lora_lr", "all_lr"):
+            if not getattr(self, name) > 0:  # also catches NaN
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.lora_rank < 1:
             problems.append(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.seq_len < 8:
@@ -163,20 +175,16 @@ class HealConfig:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.negatives < 0:
             problems.append(f"negatives must be >= 0, got {self.negatives}")
-        if self.warmup < 0 or self.checkpoint_every < 1:
-            problems.append("warmup must be >= 0 and checkpoint_every >= 1")
-        if self.autocast not in ("auto", "bf16", "off"):
-            problems.append(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
-        if self.train_rows not in ("new", "all"):
-            problems.append(f"train_rows must be 'new' or 'all', got {self.train_rows!r}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
+        if self.warmup < 0:
+            problems.append(f"warmup must be >= 0, got {self.warmup}")
+        if self.loss not in ("alm", "pkl", "hkl", "tkl", "uld", "gold"):
+            problems.append(f"loss must be a cross-vocabulary loss (alm, pkl, hkl, tkl, uld, gold), got {self.loss!r}")
+        if self.eval_every < 0:
+            problems.append(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.checkpoint_every < 1:
+            problems.append(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if not self.grad_clip >= 0 or not self.weight_decay >= 0:
             problems.append("grad_clip and weight_decay must be >= 0")
-        if problems:
-            raise ConfigError(problems, "see `surgery heal --help`")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HealConfig":
-        return _from_dict(cls, d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            problems.append(f"device must be cpu or cuda, got {self.device!r}")
+        return problems

@@ -168,11 +168,11 @@ def test_spans_fall_back_when_surfaces_disagree():
 
 
 def test_first_position_of_each_chunk():
-    from distill.trainer import _keep_positions
+    from distill.trainer.distill_task import keep_positions
 
     pos = np.array([[0, 0, 1, 2, 2, 2, -1], [3, -1, 4, 4, -1, -1, -1]])
-    assert _keep_positions(pos, "first").tolist() == [0, -1, 1, 2, -1, -1, -1, 3, -1, 4, -1, -1, -1, -1]
-    assert _keep_positions(pos, "mean").tolist() == pos.reshape(-1).tolist()
+    assert keep_positions(pos, "first").tolist() == [0, -1, 1, 2, -1, -1, -1, 3, -1, 4, -1, -1, -1, -1]
+    assert keep_positions(pos, "mean").tolist() == pos.reshape(-1).tolist()
 
 
 def test_exact_chunks_one_identical_token_each_side():

@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from distill.losses import (LOSSES, ChunkedBatch, LossContext, LossParams, Projection, combine, make_loss,
-                            uld_distance)
+from distill.losses import (LOSSES, ChunkedBatch, LossContext, LossConfig, ProjectionOperator, combine,
+                            make_loss, uld_distance)
 from distill.teacher_dist import TeacherDist
 
 VS, VT = 7, 11
@@ -96,8 +96,8 @@ def naive_pkl(zs, zt, s_chunk, t_chunk, C, W, k, T, direction, rest=False, mass_
                                                    (5, 1.3, "reverse", False, True)])
 def test_pkl_matches_naive(k, T, direction, rest, mw):
     zs, zt, sc, tc, C, W = make_problem(1)
-    ctx = LossContext(VS, VT, projection=Projection(sp.csr_matrix(W)))
-    loss = make_loss("pkl", LossParams(temperature=T, direction=direction, top_k=k, rest_column=rest, mass_weight=mw,
+    ctx = LossContext(VS, VT, projection=ProjectionOperator(sp.csr_matrix(W)))
+    loss = make_loss("pkl", LossConfig(temperature=T, direction=direction, top_k=k, rest_column=rest, mass_weight=mw,
                                        expressible_rest=False), ctx)
     got = loss(batch_for(zs, zt, sc, tc, C, T))
     (g_got,) = torch.autograd.grad(got, zs)
@@ -135,8 +135,8 @@ def test_pkl_expressible_rest_matches_naive(k, T, direction, mw):
     zs, zt, sc, tc, C, W = make_problem(13)
     zt = zt.clone()
     zt[:, VT - 1] += 2.0  # real mass on the column no student token reaches
-    ctx = LossContext(VS, VT, projection=Projection(sp.csr_matrix(W)))
-    loss = make_loss("pkl", LossParams(temperature=T, direction=direction, top_k=k, mass_weight=mw), ctx)
+    ctx = LossContext(VS, VT, projection=ProjectionOperator(sp.csr_matrix(W)))
+    loss = make_loss("pkl", LossConfig(temperature=T, direction=direction, top_k=k, mass_weight=mw), ctx)
     got = loss(batch_for(zs, zt, sc, tc, C, T))
     ref = naive_pkl_expressible(zs, zt, sc, tc, C, W, k, T, direction, mw)
     assert got.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
@@ -151,8 +151,8 @@ def test_pkl_never_uses_unreachable_columns():
     zs, zt, sc, tc, C, W = make_problem(2)
     zt = zt.clone()
     zt[:, VT - 1] = 20.0  # the teacher loves a column no student token maps to
-    ctx = LossContext(VS, VT, projection=Projection(sp.csr_matrix(W)))
-    loss = make_loss("pkl", LossParams(top_k=3), ctx)
+    ctx = LossContext(VS, VT, projection=ProjectionOperator(sp.csr_matrix(W)))
+    loss = make_loss("pkl", LossConfig(top_k=3), ctx)
     cols = loss.select_columns(TeacherDist(VT, logits=zt))
     assert VT - 1 not in cols.tolist()
     assert torch.isfinite(loss(batch_for(zs, zt, sc, tc, C)))
@@ -161,7 +161,7 @@ def test_pkl_never_uses_unreachable_columns():
 def test_projection_column_block_equals_dense():
     rng = np.random.default_rng(0)
     W = sp.random(50, 80, density=0.05, random_state=1, format="csr", dtype=np.float32)
-    P = Projection(W)
+    P = ProjectionOperator(W)
     cols = torch.tensor(rng.choice(80, 17, replace=False))
     block = P.column_block(cols).to_dense()
     np.testing.assert_allclose(block.numpy(), W.toarray()[:, cols.numpy()].T, rtol=0, atol=0)
@@ -181,8 +181,8 @@ def test_tkl_matches_naive(k, T, direction):
     Wts = rng.random((VT, VS)).astype(np.float32) * (rng.random((VT, VS)) < 0.3)
     Wts[VT - 2] = 0.0  # an unmapped teacher token
     Wts = Wts / np.maximum(Wts.sum(1, keepdims=True), 1e-9)
-    ctx = LossContext(VS, VT, projection=Projection.rows_of(sp.csr_matrix(Wts)))
-    got = make_loss("tkl", LossParams(temperature=T, direction=direction, top_k=k), ctx)(batch_for(zs, zt, sc, tc, C, T))
+    ctx = LossContext(VS, VT, projection=ProjectionOperator.rows_of(sp.csr_matrix(Wts)))
+    got = make_loss("tkl", LossConfig(temperature=T, direction=direction, top_k=k), ctx)(batch_for(zs, zt, sc, tc, C, T))
     pt = torch.softmax(zt / T, -1)
     mapped = torch.tensor(Wts.sum(1) > 0)
     K = torch.topk(torch.where(mapped, pt.sum(0), torch.tensor(-1.0)), min(k, int(mapped.sum()))).indices
@@ -217,7 +217,7 @@ def naive_uld(ps, pt, s_chunk, t_chunk, C):
 @pytest.mark.parametrize("T", [1.0, 1.5])
 def test_uld_exact_matches_naive(T):
     zs, zt, sc, tc, C, _ = make_problem(3)
-    loss = make_loss("uld", LossParams(temperature=T, uld_topk=0), LossContext(VS, VT))
+    loss = make_loss("uld", LossConfig(temperature=T, uld_topk=0), LossContext(VS, VT))
     got = loss(batch_for(zs, zt, sc, tc, C, T))
     ref = naive_uld(torch.softmax(zs / T, -1), torch.softmax(zt / T, -1), sc, tc, C) * T * T
     (g1,) = torch.autograd.grad(got, zs)
@@ -228,9 +228,9 @@ def test_uld_exact_matches_naive(T):
 
 def test_uld_topk_error_within_bound():
     zs, zt, sc, tc, C, _ = make_problem(4, n_chunks=8)
-    exact = make_loss("uld", LossParams(uld_topk=0), LossContext(VS, VT))(batch_for(zs, zt, sc, tc, C)).item()
+    exact = make_loss("uld", LossConfig(uld_topk=0), LossContext(VS, VT))(batch_for(zs, zt, sc, tc, C)).item()
     for k in (1, 2, 3, 5):
-        approx = make_loss("uld", LossParams(uld_topk=k), LossContext(VS, VT))(batch_for(zs, zt, sc, tc, C)).item()
+        approx = make_loss("uld", LossConfig(uld_topk=k), LossContext(VS, VT))(batch_for(zs, zt, sc, tc, C)).item()
         # tail bound per chunk: 2·min(tail_s, tail_t), averaged over chunks
         ps, pt = torch.softmax(zs.detach(), -1), torch.softmax(zt, -1)
         ts = 1 - torch.topk(ps, k).values.sum(-1)
@@ -287,7 +287,7 @@ def test_paired_losses_match_naive(name, T, direction, rest, mw):
     zs, zt, sc, tc, C, _ = make_problem(5)
     ids_s, ids_t = np.array([0, 2, 3, 5]), np.array([4, 0, 7, 1])
     ctx = LossContext.with_pairs(VS, VT, ids_s, ids_t, "cpu")
-    params = LossParams(temperature=T, direction=direction, uld_topk=0, uld_weight=0.7, rest_column=rest,
+    params = LossConfig(temperature=T, direction=direction, uld_topk=0, uld_weight=0.7, rest_column=rest,
                         mass_weight=mw)
     got = make_loss(name, params, ctx)(batch_for(zs, zt, sc, tc, C, T))
     ref = naive_paired(zs, zt, sc, tc, C, torch.tensor(ids_s), torch.tensor(ids_t), T, direction, 0.7,
@@ -308,7 +308,7 @@ def test_kl_matches_naive(direction):
     zt = torch.randn(N, V, generator=g)
     sc = torch.arange(N)
     tc = torch.randperm(N, generator=g)  # one-to-one chunks; teacher row j belongs to chunk tc[j]
-    got = make_loss("kl", LossParams(direction=direction), LossContext(V, V))(
+    got = make_loss("kl", LossConfig(direction=direction), LossContext(V, V))(
         ChunkedBatch(zs, sc, TeacherDist(V, logits=zt), tc, N))
     zt_aligned = torch.stack([zt[int((tc == c).nonzero())] for c in range(N)])
     lp, lq = torch.log_softmax(zt_aligned, -1), torch.log_softmax(zs, -1)
@@ -317,13 +317,13 @@ def test_kl_matches_naive(direction):
     g_ref = torch.autograd.grad(ref, zs)[0]
     torch.testing.assert_close(torch.autograd.grad(got, zs)[0], g_ref)
     # the same through a complete top-k cache
-    got_c = make_loss("kl", LossParams(direction=direction), LossContext(V, V))(
+    got_c = make_loss("kl", LossConfig(direction=direction), LossContext(V, V))(
         ChunkedBatch(zs, sc, cached(zt, V), tc, N))
     assert got_c.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(torch.autograd.grad(got_c, zs)[0], g_ref, rtol=1e-4, atol=1e-6)
     # and with a temperature
     T = 1.8
-    got_t = make_loss("kl", LossParams(direction=direction, temperature=T), LossContext(V, V))(
+    got_t = make_loss("kl", LossConfig(direction=direction, temperature=T), LossContext(V, V))(
         ChunkedBatch(zs, sc, TeacherDist(V, T, logits=zt), tc, N))
     lp, lq = torch.log_softmax(zt_aligned / T, -1), torch.log_softmax(zs / T, -1)
     ref_t = ((lp.exp() * (lp - lq)) if direction == "forward" else (lq.exp() * (lq - lp))).sum(-1).mean() * T * T
@@ -333,7 +333,7 @@ def test_kl_matches_naive(direction):
 
 def test_kl_many_to_one_chunks_match_naive():
     zs, zt, sc, tc, C, _ = make_problem(7, vs=VS, vt=VS)
-    got = make_loss("kl", LossParams(), LossContext(VS, VS))(batch_for(zs, zt, sc, tc, C))
+    got = make_loss("kl", LossConfig(), LossContext(VS, VS))(batch_for(zs, zt, sc, tc, C))
     ps, pt = torch.softmax(zs, -1), torch.softmax(zt, -1)
     ref = sum(naive_kl_t(pt[tc == c].mean(0), ps[sc == c].mean(0)) for c in range(C)) / C
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -350,12 +350,12 @@ def cached(zt, k):
 def test_full_cache_equals_dense_teacher(name):
     zs, zt, sc, tc, C, W = make_problem(8)
     if name == "pkl":
-        ctx = LossContext(VS, VT, projection=Projection(sp.csr_matrix(W)))
+        ctx = LossContext(VS, VT, projection=ProjectionOperator(sp.csr_matrix(W)))
     elif name == "uld":
         ctx = LossContext(VS, VT)
     else:
         ctx = LossContext.with_pairs(VS, VT, np.array([0, 2, 4]), np.array([3, 5, 9]), "cpu")
-    loss = make_loss(name, LossParams(top_k=6, uld_topk=0), ctx)
+    loss = make_loss(name, LossConfig(top_k=6, uld_topk=0), ctx)
     dense = loss(batch_for(zs, zt, sc, tc, C)).item()
     sparse = loss(batch_for(zs, zt, sc, tc, C, teacher=cached(zt, VT))).item()
     assert sparse == pytest.approx(dense, rel=1e-5)
@@ -363,13 +363,13 @@ def test_full_cache_equals_dense_teacher(name):
 
 def test_kl_cache_equals_dense_when_complete():
     zs, zt, sc, tc, C, _ = make_problem(9, vs=VS, vt=VS)
-    loss = make_loss("kl", LossParams(), LossContext(VS, VS))
+    loss = make_loss("kl", LossConfig(), LossContext(VS, VS))
     assert loss(batch_for(zs, zt, sc, tc, C, teacher=cached(zt, VS))).item() == pytest.approx(
         loss(batch_for(zs, zt, sc, tc, C)).item(), rel=1e-5)
 
 
 def test_registry_and_combine():
-    assert set(LOSSES) == {"pkl", "hkl", "tkl", "uld", "gold", "kl", "ce"}
+    assert set(LOSSES) == {"pkl", "hkl", "tkl", "uld", "gold", "kl", "ce", "alm"}
     ce = torch.tensor(2.0, requires_grad=True)
     kd = torch.tensor(0.5, requires_grad=True)
     total = combine(ce, [kd], [1.0], ce_weight=0.1, kd_weight=1.0, rescale=True)
@@ -380,7 +380,7 @@ def test_registry_and_combine():
 
 def test_ce_loss_is_zero_with_grad_path():
     zs, zt, sc, tc, C, _ = make_problem(10)
-    out = make_loss("ce", LossParams(), LossContext(VS, VT))(batch_for(zs, zt, sc, tc, C))
+    out = make_loss("ce", LossConfig(), LossContext(VS, VT))(batch_for(zs, zt, sc, tc, C))
     assert out.item() == 0.0 and out.requires_grad
 
 
@@ -411,13 +411,13 @@ def test_unexpressible_teacher_mass_is_not_copied_onto_unrelated_tokens(name):
     """
     vs, vt, W, zs, zt = _long_word_problem()
     if name == "pkl":
-        ctx = LossContext(vs, vt, projection=Projection(sp.csr_matrix(W)))
+        ctx = LossContext(vs, vt, projection=ProjectionOperator(sp.csr_matrix(W)))
     else:
         ctx = LossContext.with_pairs(vs, vt, np.array([0, 1]), np.array([0, 1]), "cpu")
     chunk = torch.zeros(1, dtype=torch.long)
 
     def grad(**kw):
-        loss = make_loss(name, LossParams(top_k=2, uld_topk=0, uld_weight=0.0, **kw), ctx)
+        loss = make_loss(name, LossConfig(top_k=2, uld_topk=0, uld_weight=0.0, **kw), ctx)
         (g,) = torch.autograd.grad(loss(ChunkedBatch(zs, chunk, TeacherDist(vt, logits=zt), chunk, 1)), zs)
         return g[0]
 
@@ -435,8 +435,8 @@ def test_unexpressible_teacher_mass_is_not_copied_onto_unrelated_tokens(name):
 def test_pkl_exact_chunks_only_matches_naive():
     zs, zt, sc, tc, C, W = make_problem(12)
     exact = torch.tensor([True, False, True, True, False])
-    ctx = LossContext(VS, VT, projection=Projection(sp.csr_matrix(W)))
-    loss = make_loss("pkl", LossParams(top_k=5, exact_chunks_only=True, expressible_rest=False), ctx)
+    ctx = LossContext(VS, VT, projection=ProjectionOperator(sp.csr_matrix(W)))
+    loss = make_loss("pkl", LossConfig(top_k=5, exact_chunks_only=True, expressible_rest=False), ctx)
     got = loss(ChunkedBatch(zs, sc, TeacherDist(VT, logits=zt), tc, C, exact))
     # naive: the mass-weighted renormalized KL over the exact chunks only
     keep = exact.nonzero()[:, 0].tolist()
@@ -461,7 +461,7 @@ def test_pkl_exact_chunks_only_matches_naive():
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(torch.autograd.grad(got, zs)[0], torch.autograd.grad(ref, zs)[0], rtol=1e-4, atol=1e-6)
     # without the mask every chunk counts
-    assert make_loss("pkl", LossParams(top_k=5, expressible_rest=False), ctx)(
+    assert make_loss("pkl", LossConfig(top_k=5, expressible_rest=False), ctx)(
         batch_for(zs, zt, sc, tc, C)).item() != pytest.approx(got.item())
 
 
@@ -474,10 +474,10 @@ def test_pkl_teacher_to_student_is_the_projected_teacher_kl():
     rng = np.random.default_rng(3)
     R = np.zeros((VT, VS), dtype=np.float32)  # teacher token → its first student piece (weight 1)
     R[np.arange(VT - 1), rng.integers(0, VS, VT - 1)] = 1.0  # the last teacher token maps nowhere
-    ctx = LossContext(VS, VT, projection=Projection(sp.csr_matrix(W)),
-                      down_projection=Projection.rows_of(sp.csr_matrix(R)))
+    ctx = LossContext(VS, VT, projection=ProjectionOperator(sp.csr_matrix(W)),
+                      down_projection=ProjectionOperator.rows_of(sp.csr_matrix(R)))
     k = 6
-    got = make_loss("pkl", LossParams(top_k=k, project="teacher_to_student"), ctx)(batch_for(zs, zt, sc, tc, C))
+    got = make_loss("pkl", LossConfig(top_k=k, project="teacher_to_student"), ctx)(batch_for(zs, zt, sc, tc, C))
     pt, ps = torch.softmax(zt, -1), torch.softmax(zs, -1)
     mapped = torch.tensor(R.sum(1) > 0)
     K = torch.topk(torch.where(mapped, pt.sum(0), torch.tensor(-1.0)), k).indices
@@ -489,11 +489,11 @@ def test_pkl_teacher_to_student_is_the_projected_teacher_kl():
     ref = ref / C
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(torch.autograd.grad(got, zs)[0], torch.autograd.grad(ref, zs)[0], rtol=1e-4, atol=1e-6)
-    auto = make_loss("pkl", LossParams(top_k=k), ctx)
+    auto = make_loss("pkl", LossConfig(top_k=k), ctx)
     coarse = ChunkedBatch(zs, sc, TeacherDist(VT, logits=zt), tc, C, teacher_coarser=True)
     fine = ChunkedBatch(zs, sc, TeacherDist(VT, logits=zt), tc, C, teacher_coarser=False)
     assert auto(coarse).item() == pytest.approx(got.item(), rel=1e-6)
-    s2t = make_loss("pkl", LossParams(top_k=k, project="student_to_teacher"), ctx)(batch_for(zs, zt, sc, tc, C))
+    s2t = make_loss("pkl", LossConfig(top_k=k, project="student_to_teacher"), ctx)(batch_for(zs, zt, sc, tc, C))
     assert auto(fine).item() == pytest.approx(s2t.item(), rel=1e-6) and s2t.item() != pytest.approx(got.item())
 
 

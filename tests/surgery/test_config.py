@@ -9,7 +9,8 @@ from typing import Literal
 
 import pytest
 
-from surgery.config import describe, diff, from_dict, load_config, parse_overrides, to_dict, to_yaml
+from surgery.config import diff, from_dict, load_config, parse_overrides, to_dict, to_yaml
+from surgery.config_flags import describe
 from surgery.errors import ConfigError, SurgeryError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,16 +128,17 @@ def test_round_trip_describe_and_diff():
 def test_every_recipe_yaml_is_a_valid_config():
     """Each YAML under recipes/ names the config it belongs to by its file name prefix."""
     from distill.config import DistillConfig
+    from surgery.transplant.config import HealConfig
 
-    known = {"distill_": DistillConfig}
+    known = {"distill_": DistillConfig, "heal_": HealConfig}
     found = 0
     for p in sorted((ROOT / "recipes").glob("*.yaml")):
         for prefix, cls in known.items():
             if p.name.startswith(prefix):
                 cfg = load_config(cls, p)
-                assert cfg.train.steps >= 1
+                assert (cfg.train.steps if cls is DistillConfig else cfg.steps) >= 1
                 found += 1
-    assert found >= 2
+    assert found >= 5
 
 
 def test_distill_config_rules():
@@ -152,3 +154,64 @@ def test_distill_config_rules():
                   ["train.batch_size=3", "train.micro_batch_size=2", "loss.name=nope", "train.warmup_steps=1000"])
     text = "\n".join(e.value.problems)
     assert "multiple of micro_batch_size" in text and "not a registered loss" in text and "warmup_steps" in text
+
+
+def test_flags_generated_from_fields_yaml_then_flags(tmp_path):
+    """Flags carry the field's type, choices, help and default; a flag given wins over the YAML, others don't."""
+    import argparse
+
+    from surgery.config_flags import add_config_arguments, config_from_args
+    from surgery.transplant.config import HealConfig
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, HealConfig, fields=("steps", "lr", "params", "seq_len", "minutes"))
+    help_text = p.format_help()
+    assert "--seq-len SEQ_LEN" in help_text and "tokens per training sequence (default 256)" in help_text
+    assert "{new-rows,head,lora,all}" in help_text
+    with pytest.raises(SystemExit):
+        p.parse_args(["--params", "most"])
+    y = tmp_path / "h.yaml"
+    y.write_text("steps: 7\nlr: 1.0e-3\nseq_len: 64\n")
+    cfg = config_from_args(HealConfig, p.parse_args(["--lr", "0.5", "--params", "all"]), path=str(y))
+    assert (cfg.steps, cfg.lr, cfg.seq_len, cfg.params, cfg.batch_size) == (7, 0.5, 64, "all", 4)
+
+
+def test_numeric_options_all_reported_before_work():
+    """Every bad number of a heal or distill config is one problem of one ConfigError (exit 2, one line)."""
+    from surgery.transplant.config import HealConfig, TransplantConfig
+
+    with pytest.raises(ConfigError) as e:
+        HealConfig(steps=0, lr=float("nan"), batch_size=0, seq_len=2, negatives=-1, all_lr=-1.0)
+    text = "; ".join(e.value.problems)
+    for part in ("steps must be >= 1", "lr must be > 0", "batch_size must be >= 1", "seq_len must be >= 8",
+                 "negatives must be >= 0", "all_lr must be > 0"):
+        assert part in text, part
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="unknown key 'methd'"):
+        TransplantConfig.from_dict({"methd": "mean"})
+    assert HealConfig.from_dict({"steps": "3"}).steps == 3  # typed like YAML
+    from distill.config import DistillConfig
+
+    base = {"output_dir": "o", "student": {"model": "s"}, "data": {"train": "t.txt"}, "teachers": [{"model": "t"}]}
+    with pytest.raises(ConfigError) as e:
+        from_dict(DistillConfig, base, ["train.lr=inf", "loss.temperature=0", "loss.top_k=0", "loss.kd_weight=-1",
+                                        "teachers.0.weight=nan", "train.eval_max_length=1", "train.betas=[0.9, 1.5]"])
+    text = "; ".join(e.value.problems)
+    for part in ("lr must be a finite number > 0", "temperature must be a finite number > 0", "top_k must be >= 1",
+                 "kd_weight must be a finite number >= 0", "weight must be a finite number >= 0",
+                 "eval_max_length must be >= 2", "betas must lie in [0, 1)"):
+        assert part in text, part
+
+
+def test_validate_must_return_a_list():
+    from surgery.config import check
+
+    @dataclass(frozen=True)
+    class Old:
+        x: int = 1
+
+        def validate(self):
+            return self
+
+    with pytest.raises(TypeError, match="must return a list"):
+        check(Old())

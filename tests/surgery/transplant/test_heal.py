@@ -11,8 +11,10 @@ import torch
 from helpers import tiny_llama
 from surgery.errors import SurgeryError
 from surgery.transplant import HealConfig, TransplantConfig, transplant_checkpoint
-from surgery.transplant import heal as heal_mod
-from surgery.transplant.heal import decode_ranges, encode_ranges, heal, heal_checkpoint, read_copied_rows
+from distill.trainer import heal_run as heal_mod
+from distill.trainer.heal_run import heal
+from surgery.commands.heal import heal_checkpoint, state_dir_for
+from surgery.transplant.heal import decode_ranges, encode_ranges, read_copied_rows
 from toy_tokenizers import CORPUS, byte_level_toy, sentencepiece_toy
 
 
@@ -64,15 +66,17 @@ def test_heal_moves_only_new_rows(transplanted, tmp_path):
     summary = json.loads((out / "heal_summary.json").read_text())
     assert summary["steps"] == 3 and summary["bits_per_byte_after"] is not None
     assert s["steps"] == 3
-    assert (out / "transplant_rows.json").exists()
-    assert not heal_mod.state_dir_for(out).exists()
+    assert (out / "transplant_rows.json").exists() and (out / "heal_metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert not state_dir_for(out).exists()
 
 
-def test_resume_reproduces_uninterrupted_run(transplanted, tmp_path, monkeypatch):
+@pytest.mark.parametrize("params", ["new-rows", "lora", "all"])
+def test_resume_reproduces_uninterrupted_run(transplanted, tmp_path, monkeypatch, params):
     src, text = transplanted
     texts = [text.read_text()]
     copied = read_copied_rows(src)
-    cfg = HealConfig(steps=4, lr=1e-2, seq_len=16, batch_size=2, warmup=1, checkpoint_every=2, device="cpu")
+    cfg = HealConfig(steps=4, lr=1e-2, seq_len=16, batch_size=2, warmup=1, checkpoint_every=2, device="cpu",
+                     params=params, lora_lr=1e-2, all_lr=1e-3)
     m, tok = _load(src)
     straight, _, _ = heal(m, tok, texts, cfg, tmp_path / "s1", copied, progress=False)
 
@@ -93,15 +97,16 @@ def test_resume_reproduces_uninterrupted_run(transplanted, tmp_path, monkeypatch
     m, tok = _load(src)
     resumed, summary, metrics = heal(m, tok, texts, cfg, tmp_path / "s2", copied, resume=True, progress=False)
     assert summary["steps"] == 4 and [r["step"] for r in metrics] == [1, 2, 3, 4]
-    torch.testing.assert_close(resumed.get_input_embeddings().weight, straight.get_input_embeddings().weight,
-                               rtol=0, atol=1e-6)
+    want = dict(straight.named_parameters())
+    for n, p in resumed.named_parameters():
+        assert torch.equal(p, want[n]), [k for k, q in resumed.named_parameters() if not torch.equal(q, want[k])]
 
 
 def test_heal_with_lora_merges_adapters(transplanted, tmp_path):
     src, text = transplanted
     m, tok = _load(src)
     body0 = {n: p.clone() for n, p in m.named_parameters() if "q_proj" in n}
-    cfg = HealConfig(steps=2, lr=1e-2, lora=True, lora_lr=1e-2, seq_len=16, batch_size=2, warmup=0, device="cpu")
+    cfg = HealConfig(steps=2, lr=1e-2, params="lora", lora_lr=1e-2, seq_len=16, batch_size=2, warmup=0, device="cpu")
     healed, summary, _ = heal(m, tok, [text.read_text()], cfg, None, read_copied_rows(src), progress=False)
     names = dict(healed.named_parameters())
     assert not any("lora_" in n for n in names)
@@ -135,7 +140,7 @@ def test_cli_heal(transplanted, tmp_path, capsys):
 @pytest.mark.parametrize("tie", [True, False])
 def test_row_hooks_give_the_dense_gradient_rows(tie):
     """The row-sparse step's leaf gradients equal the rows of the dense gradient (reference)."""
-    from surgery.transplant.heal import _RowHooks
+    from distill.trainer.rows import RowHooks
 
     model = tiny_llama(300, seed=3, tie=tie).float()
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -159,7 +164,7 @@ def test_row_hooks_give_the_dense_gradient_rows(tie):
     leaf_out = leaf_in if tie else head.weight.detach()[rows_out].clone().requires_grad_(True)
     lut = torch.zeros(300, dtype=torch.long)
     lut[rows_in] = torch.arange(1, len(rows_in) + 1)
-    hooks = _RowHooks(emb, head)
+    hooks = RowHooks(emb, head)
     hooks.set(lut[batch], leaf_in, rows_out, leaf_out)
     try:
         model(input_ids=batch, labels=batch).loss.backward()
@@ -170,3 +175,104 @@ def test_row_hooks_give_the_dense_gradient_rows(tie):
     else:
         torch.testing.assert_close(leaf_in.grad, g_in[rows_in], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(leaf_out.grad, g_out[rows_out], rtol=1e-4, atol=1e-6)
+
+
+def test_cli_config_params_and_legacy_flags(transplanted, tmp_path, capsys):
+    """--config YAML + flags, --params all moves the body; --head-only maps onto --params head."""
+    from surgery.cli import main
+
+    src, text = transplanted
+    recipe = tmp_path / "heal.yaml"
+    recipe.write_text("steps: 2\nparams: all\nall_lr: 1.0e-3\nseq_len: 16\nbatch_size: 2\nwarmup: 0\n")
+    out = tmp_path / "all"
+    assert main(["heal", str(src), "--text", str(text), "--out", str(out), "--config", str(recipe),
+                 "--device", "cpu"]) == 0
+    before, _ = _load(src)
+    after, _ = _load(out)
+    body0 = dict(before.named_parameters())
+    assert all(not torch.equal(p, body0[n]) for n, p in after.named_parameters() if "q_proj" in n)
+    assert json.loads((out / "heal_summary.json").read_text())["params"] == "all"
+    out2 = tmp_path / "head"
+    assert main(["heal", str(src), "--text", str(text), "--out", str(out2), "--config", str(recipe), "--head-only",
+                 "--params", "head", "--steps", "1"]) == 0
+    s = json.loads((out2 / "heal_summary.json").read_text())
+    assert s["params"] == "head" and s["steps"] == 1  # the flags win over the YAML
+    assert main(["heal", str(src), "--text", str(text), "--out", str(tmp_path / "x"), "--steps", "1", "--lora",
+                 "--params", "all"]) == 2
+    capsys.readouterr()
+    assert main(["heal", str(src), "--text", str(text), "--out", str(tmp_path / "x"), "--steps", "0", "--lr", "-1",
+                 "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "steps must be >= 1" in err[0] and "batch_size must be >= 1" in err[0]
+    assert not (tmp_path / "x").exists()
+    assert main(["heal", "--help-config"]) == 0
+    assert "params (" in capsys.readouterr().out
+
+
+def test_non_finite_loss_is_one_line_exit_2(transplanted, tmp_path, capsys):
+    from surgery.cli import main
+
+    src, text = transplanted
+    out = tmp_path / "nan"
+    rc = main(["heal", str(src), "--text", str(text), "--out", str(out), "--steps", "4", "--params", "all",
+               "--all-lr", "1e30", "--grad-clip", "0", "--seq-len", "16", "--batch-size", "2", "--warmup", "0",
+               "--device", "cpu"])
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l.lower()]
+    assert rc == 2 and len(err) == 1 and "the training loss became" in err[0], err
+    assert not out.exists()
+
+
+def test_sigkill_then_resume_is_bit_exact(transplanted, tmp_path):
+    """kill -9 a `surgery heal` run once it has a resumable state; --resume ends bitwise where a clean run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    src, text = transplanted
+    bin_ = Path(sys.executable).parent / "surgery"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    args = [str(src), "--text", str(text), "--steps", "80", "--checkpoint-every", "3", "--seq-len", "16",
+            "--batch-size", "2", "--device", "cpu", "--params", "lora", "--lr", "1e-2"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    a = subprocess.Popen([str(bin_), "heal", *args, "--out", str(clean)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    b = subprocess.Popen([str(bin_), "heal", *args, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    states = state_dir_for(killed) / "checkpoints"
+    while b.poll() is None:
+        if states.exists() and any(states.glob("step-*/trainer_state.pt")):
+            b.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    b.wait()
+    assert b.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not killed.exists()
+    assert a.wait(timeout=600) == 0, a.stderr.read().decode()[-2000:]
+    r = subprocess.run([str(bin_), "heal", *args, "--out", str(killed), "--resume"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    def tensors(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    wa, wb = tensors(clean), tensors(killed)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    steps = [json.loads(l)["step"] for l in (killed / "heal_metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 81))
+
+
+def test_periodic_heldout_bits_per_byte(transplanted, tmp_path):
+    src, text = transplanted
+    m, tok = _load(src)
+    cfg = HealConfig(steps=4, lr=1e-2, seq_len=16, batch_size=2, warmup=0, eval_every=2, device="cpu")
+    _, summary, metrics = heal(m, tok, [text.read_text()], cfg, None, read_copied_rows(src), eval_text=text.read_text(),
+                               progress=False)
+    evals = [r for r in metrics if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [2] and evals[0]["heldout_bpb"] > 0  # not at the last step: `after` is
+    assert summary["steps"] == 4 and summary["bits_per_byte_after"] < summary["bits_per_byte_before"]

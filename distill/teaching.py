@@ -1,0 +1,130 @@
+"""A teacher for healing: the base model teaches its transplanted copy through a cross-vocabulary loss.
+
+After ``surgery transplant BASE NEW_TOKENIZER OUT`` the best teacher there is sits beside the student: ``BASE``
+itself, with its own tokenizer (``transplant_report.json`` records it as ``base_model``). A heal with a teacher
+trains on blocks of the training text as ``surgery distill`` does (both sides encode the same block, their chunks
+are aligned, :func:`distill.trainer.distill_task.micro_loss` adds the student's CE and the teacher's term), under
+whatever parameter policy the heal uses (new rows, head, LoRA, all).
+
+- :func:`resolve_teacher` — ``auto`` | ``none`` | a model: which teacher a heal of ``model_path`` gets;
+- :func:`load_heal_teacher` — the teacher model, its tokenizer and vocabulary, and its loss;
+- :class:`TeacherTask` — the loop's view of a heal with a teacher (random blocks of the text, resumable through
+  its generator like the plain heal's windows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+REPORT = "transplant_report.json"
+TEACHER_LOSSES = ("alm", "pkl", "hkl", "tkl", "uld", "gold")
+
+
+def resolve_teacher(spec: str, model_path: str | Path) -> str | None:
+    """The teacher of a heal: ``none`` → None; ``auto`` → ``base_model`` of ``model_path``'s transplant report;
+    anything else is a model (asset name, folder or hub id).
+
+    Raises:
+        SurgeryError: ``auto`` on a folder without a transplant report naming its base model.
+    """
+    from surgery.errors import SurgeryError
+
+    if spec == "none":
+        return None
+    if spec != "auto":
+        return spec
+    report = Path(model_path) / REPORT
+    try:
+        base = json.loads(report.read_text()).get("base_model") if report.exists() else None
+    except (json.JSONDecodeError, AttributeError):
+        base = None
+    if not base:
+        raise SurgeryError(f"--teacher auto: {str(report)!r} does not name the base model",
+                           "pass --teacher MODEL (the model the transplant started from) or --teacher none")
+    return str(base)
+
+
+def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtype=None, **loss_params):
+    """A frozen teacher with its own tokenizer and the loss ``loss_name`` through the core's projection.
+
+    Returns:
+        ``(teacher, student_vocab, loss_config)``: a :class:`distill.teachers.Teacher`, the student's canonical
+        vocabulary and the :class:`distill.losses.LossConfig` used.
+    """
+    from distill.losses import LossConfig, build_context, make_loss
+    from distill.teachers import Teacher
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.vocab.surfaces import canonical_vocabulary
+
+    lc = LossConfig(name=loss_name, **loss_params)
+    s_vocab = canonical_vocabulary(student_tokenizer)
+    tok = load_tokenizer(name)
+    t_vocab = canonical_vocabulary(tok, name)
+    ctx = build_context(loss_name, s_vocab, t_vocab, device, hkl_threshold=lc.hkl_threshold, project=lc.project)
+    model = load_model(name, dtype=dtype or torch.float32, device=device)
+    model.eval()
+    model.requires_grad_(False)
+    LOG.info("heal teacher: %s (%d tokens, loss %s)", name, len(t_vocab), loss_name)
+    return Teacher(0, name, tok, t_vocab, make_loss(loss_name, lc, ctx), 1.0, model), s_vocab, lc
+
+
+class TeacherTask:
+    """Random blocks of the training text, the student's CE plus the teacher's term (rescaled to CE).
+
+    Args:
+        texts: training texts.
+        tokenizer / s_vocab: the student's tokenizer and canonical vocabulary.
+        teacher: from :func:`load_heal_teacher`.
+        loss_config: its :class:`~distill.losses.LossConfig`.
+        seq_len: student tokens per block (blocks are cut at ``4 · seq_len`` characters and truncated there).
+        batch_size: blocks per step.
+    """
+
+    def __init__(self, texts, tokenizer, s_vocab, teacher, loss_config, seq_len: int, batch_size: int, seed: int,
+                 device):
+        from distill.data import make_blocks
+
+        self.blocks = make_blocks(list(texts), 4 * seq_len, False)
+        self.tokenizer, self.s_vocab, self.teacher = tokenizer, s_vocab, teacher
+        self.cfg = SimpleNamespace(data=SimpleNamespace(max_tokens=seq_len), loss=loss_config,
+                                   weighting=SimpleNamespace(mode="fixed", alpha=1.0, score="ce"))
+        self.batch_size, self.device = batch_size, device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.tokens = 0
+
+    def micro_batches(self, step: int) -> list:
+        idx = torch.randint(0, len(self.blocks), (self.batch_size,), generator=self.gen).tolist()
+        return [([self.blocks[i] for i in idx], idx)]
+
+    def token_ids(self, batch) -> torch.Tensor:
+        """``(B, L)`` the student's ids of a batch (row-sparse parameter policies make those rows leaves)."""
+        from distill.data import encode_blocks
+
+        return encode_blocks(batch[0], self.tokenizer, self.s_vocab, self.cfg.data.max_tokens).input_ids.to(self.device)
+
+    def loss(self, model, batch, autocast):
+        from distill.trainer.distill_task import micro_loss
+
+        texts, ids = batch
+        total, metrics = micro_loss(self.cfg, model, self.tokenizer, self.s_vocab, [self.teacher], texts, ids,
+                                    self.device, autocast)
+        self.tokens = len(texts) * self.cfg.data.max_tokens
+        return total, metrics
+
+    def step_metrics(self) -> dict:
+        return {"tokens": self.tokens}
+
+
+def heal_teacher_task(teacher_name: str, tokenizer, texts, config) -> TeacherTask:
+    """The :class:`TeacherTask` of a heal (``config``: a :class:`surgery.transplant.config.HealConfig` with
+    ``loss``, ``seq_len``, ``batch_size``, ``seed``, ``device``)."""
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher, s_vocab, lc = load_heal_teacher(teacher_name, tokenizer, config.loss, device)
+    return TeacherTask(texts, tokenizer, s_vocab, teacher, lc, config.seq_len, config.batch_size, config.seed, device)

@@ -1,0 +1,292 @@
+"""``surgery distill``: the training loop configured for distillation (run folder, student, teachers, final model).
+
+Run folder (``output_dir``)::
+
+    config.yaml              the resolved config (resume refuses a different one)
+    metrics.jsonl            one JSON line per logged step and per evaluation
+    metrics.png              loss and held-out bits/byte
+    checkpoints/step-NNNNNN  trainable weights, optimizer, RNG states, data position
+    teacher_cache/           top-k teacher logits (cache.enabled, default location)
+    final/                   HF safetensors checkpoint (LoRA merged, or the adapter alone)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distill import distributed as dd
+from distill.config import DistillConfig
+from distill.data import BlockOrder, blocks_fingerprint, load_documents, make_blocks
+from distill.trainer.checkpoint import checkpoint_dirs, load_state, save_state
+from distill.trainer.distill_task import DistillTask, load_teachers, teacher_sides
+from distill.trainer.loop import LoopSpec, fit
+from distill.trainer.metrics import append_jsonl, plot_metrics, truncate_metrics
+from distill.trainer.policy import LoraSpec, ParamSpec, Policy
+from distill.trainer.state import seed_all
+from surgery.config import diff as config_diff
+from surgery.config import from_dict, to_yaml
+from surgery.errors import SurgeryError
+
+LOG = logging.getLogger(__name__)
+
+# Keys that may change between a run and its --resume (they do not change the trajectory).
+RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.log_every", "train.progress", "train.eval_max_bytes", "train.eval_max_length")
+
+
+@dataclass
+class RunResult:
+    """Summary of a finished run."""
+
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    resumed_from: int | None
+    heldout_bpb_start: float | None
+    heldout_bpb_end: float | None
+    last_metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _prepare_run_dir(cfg: DistillConfig, resume: bool, overwrite: bool) -> tuple[Path, Path | None, Path | None]:
+    """Check the run folder before any expensive work.
+
+    Returns:
+        ``(out, checkpoint to resume from or None, replaced old folder to delete at the end or None)``.
+    """
+    out = Path(cfg.output_dir).expanduser().resolve()
+    if resume:
+        ckpts = checkpoint_dirs(out)
+        if not ckpts:
+            raise SurgeryError(f"--resume: no checkpoint under {str(out / 'checkpoints')!r}",
+                               "set train.checkpoint_every > 0 for runs you want to resume, or drop --resume")
+        saved = out / "config.yaml"
+        if saved.exists():
+            import yaml
+
+            old = from_dict(DistillConfig, yaml.safe_load(saved.read_text()) or {})
+            changed = {k: v for k, v in config_diff(old, cfg).items() if k not in RESUMABLE_KEYS}
+            if changed:
+                desc = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:6])
+                raise SurgeryError(f"--resume with a different config ({desc})",
+                                   f"resume with the run's own config ({saved}); only {', '.join(RESUMABLE_KEYS)} may change")
+        return out, ckpts[-1], None
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise SurgeryError(f"output {str(out)!r} already exists",
+                               "pass --overwrite to replace it, --resume to continue it, or choose another output_dir")
+        return out, None, out  # moved aside by rank 0, deleted when the new run succeeds
+    return out, None, None
+
+
+def heldout_text(cfg: DistillConfig) -> str | None:
+    d = cfg.data
+    if not d.heldout:
+        return None
+    docs = load_documents(d.heldout, d.format, d.text_field, d.dataset_config, d.heldout_split)
+    text = "\n\n".join(docs)
+    data = text.encode("utf-8")[: cfg.train.eval_max_bytes]
+    return data.decode("utf-8", "ignore")
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tok, text, cfg) -> float:
+    from surgery.evaluate import bits_per_byte
+
+    m = dd.unwrap(model)
+    was = m.training
+    m.eval()
+    try:
+        r = bits_per_byte(m, tok, text, max_length=cfg.train.eval_max_length, progress=False)
+    finally:
+        m.train(was)
+    return float(r.bits_per_byte)
+
+
+def param_spec(cfg: DistillConfig) -> ParamSpec:
+    """The parameter policy of a distillation: LoRA adapters (``student.lora.enabled``) or every parameter."""
+    lo, tr = cfg.student.lora, cfg.train
+    lora = LoraSpec(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=tuple(lo.target_modules), seed=tr.seed)
+    return ParamSpec(dense="lora" if lo.enabled else "all", lr=tr.lr, betas=tuple(tr.betas),
+                     weight_decay=tr.weight_decay, lora=lora)
+
+
+def load_student(cfg: DistillConfig, device) -> Policy:
+    """The student with its policy applied (adapters added, trainable parameters selected)."""
+    from surgery.loading import load_model
+
+    s = cfg.student
+    model = load_model(s.model, dtype=torch.float32, device=device, trust_remote_code=s.trust_remote_code)
+    policy = Policy(model, param_spec(cfg))
+    policy.model.train()
+    return policy
+
+
+def save_final(model, tok, final: Path, cfg: DistillConfig, env, summary: dict) -> Path | None:
+    """HF safetensors checkpoint (LoRA merged), or the peft adapter alone (lora.merge=false)."""
+    from surgery.checkpoint import atomic_output_dir, save_checkpoint
+
+    m = dd.unwrap(model)
+    if cfg.distributed.strategy == "fsdp" and env.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not env.is_main:
+            return None
+        from surgery.loading import load_model
+
+        m = load_model(cfg.student.model, dtype=torch.float32, device="cpu")
+        if cfg.student.lora.enabled:  # pragma: no cover - FSDP + LoRA: rebuild the peft wrapper
+            m = load_student(cfg, "cpu").model
+        m.load_state_dict(full, strict=False)
+    if not env.is_main:
+        return None
+    extra = {"distill_summary.json": json.dumps(summary, indent=2, sort_keys=True) + "\n",
+             "distill_config.yaml": to_yaml(cfg)}
+    if cfg.student.lora.enabled and not cfg.student.lora.merge:
+        with atomic_output_dir(final, overwrite=True) as tmp:
+            m.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            for name, content in extra.items():
+                (tmp / name).write_text(content)
+        return final
+    if cfg.student.lora.enabled:
+        m = m.merge_and_unload()
+    return save_checkpoint(m, tok, final, overwrite=True, extra_files=extra)
+
+
+
+
+def train(cfg: DistillConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Run a distillation described by ``cfg`` (see module docstring).
+
+    Args:
+        cfg: the validated config.
+        resume: continue from the latest checkpoint in ``cfg.output_dir``.
+        overwrite: replace an existing ``output_dir`` (the old one is deleted only when this run succeeds).
+
+    Raises:
+        SurgeryError: bad inputs (checked before models are loaded where possible); a non-finite loss
+            (:class:`~distill.trainer.state.NonFiniteError`, the last checkpoint is kept).
+    """
+    t_start = time.time()
+    env = dd.setup(cfg.train.device, cfg.distributed.backend)
+    try:
+        return _run(cfg, env, resume, overwrite, t_start)
+    finally:
+        dd.cleanup()
+
+
+def _inputs(cfg: DistillConfig, env):
+    """Blocks, their order and the held-out text (data problems surface before models load)."""
+    tr = cfg.train
+    per_step = tr.micro_batch_size * env.world_size
+    if tr.batch_size % per_step:
+        raise SurgeryError(f"train.batch_size={tr.batch_size} is not a multiple of micro_batch_size × processes "
+                           f"= {tr.micro_batch_size} × {env.world_size}", "adjust train.batch_size or micro_batch_size")
+    d = cfg.data
+    docs = load_documents(d.train, d.format, d.text_field, d.dataset_config, d.split, d.max_documents)
+    blocks = make_blocks(docs, d.block_chars, d.pack)
+    if d.max_blocks:
+        blocks = blocks[: d.max_blocks]
+    return blocks, BlockOrder(len(blocks), tr.seed, d.shuffle), heldout_text(cfg)
+
+
+def _claim_dir(cfg, out: Path, replaced: Path | None, env) -> Path | None:
+    trash = None
+    if env.is_main:
+        if replaced is not None:
+            trash = replaced.parent / f".{replaced.name}.replaced-{os.getpid()}"
+            os.replace(replaced, trash)
+            LOG.info("moved the existing %s aside; it is deleted when this run succeeds", replaced)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    dd.barrier(env)
+    return trash
+
+
+def _run(cfg: DistillConfig, env, resume: bool, overwrite: bool, t_start: float) -> RunResult:
+    tr = cfg.train
+    out, ckpt, replaced = _prepare_run_dir(cfg, resume, overwrite)
+    dd.barrier(env)  # every rank has looked at the folder before rank 0 changes it
+    blocks, order, heldout = _inputs(cfg, env)
+    from surgery.loading import load_tokenizer
+    from surgery.vocab.surfaces import canonical_vocabulary
+
+    s_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.model, trust_remote_code=cfg.student.trust_remote_code)
+    s_vocab = canonical_vocabulary(s_tok, cfg.student.tokenizer or cfg.student.model)
+    sides = [] if cfg.loss.name == "ce" else teacher_sides(cfg, s_vocab)  # bad alignments fail before any write
+    trash = _claim_dir(cfg, out, replaced, env)
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    if tr.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_all(tr.seed)
+    device = env.device
+    use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    policy = load_student(cfg, device)
+    teachers = [] if cfg.loss.name == "ce" else load_teachers(cfg, s_vocab, sides, device, blocks,
+                                                               blocks_fingerprint(blocks), out, env)
+    model = dd.wrap(policy.model, env, cfg.distributed.strategy)
+    policy.attach(model)
+    step, position, resumed_from = 0, 0, None
+    metrics_path = out / "metrics.jsonl"
+    if ckpt is not None:
+        st = load_state(ckpt, model, policy, env)
+        step, position = int(st["step"]), int(st["position"])
+        resumed_from = step
+        if env.is_main:
+            truncate_metrics(metrics_path, step)
+        LOG.info("resumed from %s (step %d, position %d)", ckpt, step, position)
+    dd.barrier(env)
+    task = DistillTask(cfg, s_tok, s_vocab, teachers, blocks, order, env, position)
+
+    def evaluate(at: int) -> float:
+        bpb = evaluate_bpb(model, s_tok, heldout, cfg)
+        if env.is_main:
+            append_jsonl(metrics_path, {"event": "eval", "step": at, "heldout_bpb": bpb})
+        return bpb
+
+    last: dict = {}
+
+    def log(rec: dict) -> None:
+        last.clear()
+        last.update(rec)
+        if env.is_main and (rec["step"] % tr.log_every == 0 or rec["step"] == tr.steps):
+            append_jsonl(metrics_path, rec)
+
+    def checkpoint(at: int, elapsed: float) -> None:
+        save_state(out, at, model, policy, env, cfg.distributed.strategy, {"position": task.position},
+                   tr.keep_checkpoints, to_yaml(cfg))
+
+    bpb_start = evaluate(0) if heldout and step == 0 and tr.eval_at_start else None
+    spec = LoopSpec(steps=tr.steps, warmup=tr.warmup_steps, scheduler=tr.scheduler, min_lr_ratio=tr.min_lr_ratio,
+                    grad_clip=tr.grad_clip, accum=task.accum, eval_every=tr.eval_every if heldout else 0,
+                    checkpoint_every=tr.checkpoint_every, strategy=cfg.distributed.strategy, progress=tr.progress,
+                    desc=f"distill {cfg.loss.name}", nonfinite_hint="lower train.lr (or check the inputs for NaN)")
+    step, _ = fit(model, task, policy, spec, env, step, log=log, evaluate=evaluate, checkpoint=checkpoint,
+                  autocast=autocast)
+    bpb_end = evaluate(step) if heldout else None
+    summary = {"loss": cfg.loss.name, "steps": step, "heldout_bpb_start": bpb_start, "heldout_bpb_end": bpb_end,
+               "resumed_from": resumed_from, "world_size": env.world_size, "blocks": len(blocks),
+               "teachers": [t.name for t in teachers], "seconds": round(time.time() - t_start, 1)}
+    final = save_final(model, s_tok, out / "final", cfg, env, summary)
+    if env.is_main:
+        plot_metrics(metrics_path, out / "metrics.png", f"{cfg.student.model} ← {cfg.loss.name}")
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    dd.barrier(env)
+    return RunResult(out, final, step, resumed_from, bpb_start, bpb_end, last, time.time() - t_start)

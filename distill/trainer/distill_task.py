@@ -1,0 +1,214 @@
+"""Distillation as a task of the training loop: blocks of text, the student's CE and the teachers' terms.
+
+One optimizer step consumes ``train.batch_size`` blocks (all ranks together) in micro-batches of
+``train.micro_batch_size`` per rank; the blocks are taken at global positions ``position .. position +
+batch_size`` of a seeded order (:class:`distill.data.BlockOrder`), so the position alone tells where to
+resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill import distributed as dd
+from distill.chunks import align_chunks, exact_chunks, position_chunks
+from distill.config import DistillConfig
+from distill.data import EncodedBatch, encode_blocks
+from distill.losses import ChunkedBatch, build_context, combine, make_loss
+from distill.teacher_dist import TeacherDist
+from distill.teachers import Teacher, TopKCache, build_cache, position_stats, teacher_score, teacher_weights
+
+LOG = logging.getLogger(__name__)
+
+
+def teacher_sides(cfg: DistillConfig, s_vocab) -> list[tuple]:
+    """``(tokenizer, vocabulary, saved projection or None)`` of each teacher: cheap, and it reads every
+    alignment file, so a bad one is reported before anything is written."""
+    from surgery.loading import load_tokenizer
+    from surgery.vocab.store import load_alignment
+    from surgery.vocab.surfaces import canonical_vocabulary
+
+    out = []
+    for tc in cfg.teachers:
+        tok = load_tokenizer(tc.tokenizer or tc.model, trust_remote_code=tc.trust_remote_code)
+        vocab = canonical_vocabulary(tok, tc.tokenizer or tc.model)
+        out.append((tok, vocab, load_alignment(tc.alignment, s_vocab, vocab) if tc.alignment else None))
+    return out
+
+
+def load_teachers(cfg: DistillConfig, s_vocab, sides: list[tuple], device, blocks, blocks_hash, out: Path,
+                  env) -> list[Teacher]:
+    """The teachers of ``cfg`` (models or their top-k caches) with their losses; ``sides`` from :func:`teacher_sides`."""
+    teachers = []
+    for i, (tc, (tok, vocab, projection)) in enumerate(zip(cfg.teachers, sides)):
+        ctx = build_context(cfg.loss.name, s_vocab, vocab, device, projection=projection,
+                            hkl_threshold=cfg.loss.hkl_threshold, project=cfg.loss.project)
+        loss = make_loss(cfg.loss.name, cfg.loss, ctx)
+        cache = None
+        model = None
+        if cfg.cache.enabled:
+            cdir = Path(cfg.cache.dir).expanduser() if cfg.cache.dir else out / "teacher_cache"
+            cdir = cdir / f"teacher{i}"
+            key = TopKCache.key(tc.model, vocab.hash, blocks_hash, len(blocks), cfg.data.max_tokens, cfg.cache.top_k,
+                                tc.dtype)
+            cache = TopKCache.open_matching(cdir, key)
+            if cache is None:
+                model = load_teacher_model(tc, device)
+                cache = build_cache(cdir, key, model, tok, vocab, blocks, cfg.data.max_tokens, cfg.cache.top_k,
+                                    cfg.cache.batch_size, device, env.rank, env.world_size, lambda: dd.barrier(env),
+                                    progress=cfg.train.progress)
+            model = None  # the cache serves every block from now on
+        else:
+            model = load_teacher_model(tc, device)
+        teachers.append(Teacher(i, tc.model, tok, vocab, loss, tc.weight, model, cache))
+        LOG.info("teacher %d: %s (%d tokens, %s)%s", i, tc.model, len(vocab), vocab.family,
+                 " from cache" if cache is not None else "")
+    return teachers
+
+
+def load_teacher_model(tc, device):
+    from surgery.loading import load_model
+
+    model = load_model(tc.model, dtype=tc.dtype, device=device, trust_remote_code=tc.trust_remote_code)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def fit_vocab(logits: torch.Tensor, V: int) -> torch.Tensor:
+    """Logits ``(..., V_model)`` → ``(..., V)``: drop padding columns, or pad missing ids with −inf."""
+    if logits.shape[-1] == V:
+        return logits
+    if logits.shape[-1] > V:
+        return logits[..., :V]
+    pad = torch.full((*logits.shape[:-1], V - logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device)
+    return torch.cat([logits, pad], dim=-1)
+
+
+# -- one micro-batch -----------------------------------------------------------------------------------
+
+def keep_positions(pos_chunks: np.ndarray, mode: str) -> np.ndarray:
+    """Flattened ``(B·L,)`` chunk id per position; with ``first`` only each chunk's first position keeps it.
+
+    A chunk's first position on either side sees exactly the bytes before the chunk and predicts
+    what starts there; later positions of a multi-token chunk sit at different byte offsets on the
+    two sides, so ``first`` compares like with like and ``mean`` averages them (X-Token).
+    """
+    if mode == "first":
+        prev = np.full_like(pos_chunks, -1)
+        prev[:, 1:] = pos_chunks[:, :-1]
+        pos_chunks = np.where(pos_chunks != prev, pos_chunks, -1)
+    return pos_chunks.reshape(-1)
+
+
+def teacher_is_coarser(s_enc: EncodedBatch, t_enc: EncodedBatch) -> bool:
+    """Did the teacher spell the batch's text in fewer tokens *per byte* than the student?
+
+    Per byte, not per block: both sides are truncated to ``max_tokens``, so two encodings that both
+    hit the limit have equal token counts although they cover different amounts of text.
+    """
+    s_tokens, t_tokens = int(s_enc.valid.sum()), int(t_enc.valid.sum())
+    s_bytes, t_bytes = int(s_enc.ends.max(1).sum()), int(t_enc.ends.max(1).sum())
+    return t_tokens * s_bytes < s_tokens * t_bytes
+
+
+def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block_ids, device, autocast):
+    """Loss of one micro-batch; returns ``(total, metrics dict)``."""
+    s_enc = encode_blocks(texts, s_tok, s_vocab, cfg.data.max_tokens).to(device)
+    with autocast():
+        logits = model(input_ids=s_enc.input_ids, attention_mask=s_enc.attention_mask).logits
+    logits = fit_vocab(logits.float(), len(s_vocab))
+    B, Ls, Vs = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, Vs), s_enc.labels.reshape(-1), ignore_index=-100)
+    metrics = {"ce": float(ce.detach())}
+    if cfg.loss.name == "ce" or not teachers:
+        return ce, metrics  # the plain cross-entropy baseline
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    kd_terms, scores = [], []
+    flat_s = logits.reshape(B * Ls, Vs)
+    for t in teachers:
+        t_enc = encode_blocks(texts, t.tokenizer, t.vocab, cfg.data.max_tokens).to(device)
+        al = align_chunks(s_enc.ends, s_enc.valid, t_enc.ends, t_enc.valid)
+        mode = "mean" if getattr(t.loss, "positions", None) == "all" else cfg.loss.chunk_positions  # alm: all
+        ps = torch.from_numpy(keep_positions(position_chunks(al.chunk_a), mode)).to(device)
+        pt = torch.from_numpy(keep_positions(position_chunks(al.chunk_b), mode)).to(device)
+        sel_s = torch.nonzero(ps >= 0)[:, 0]
+        sel_t = torch.nonzero(pt >= 0)[:, 0]
+        Lt = t_enc.input_ids.shape[1]
+        targets = t_enc.labels.reshape(-1)
+        if t.cache is not None:
+            full, stats = t.cache.read(block_ids, t_enc.attention_mask.sum(1).tolist(), Lt, device)
+        else:
+            with torch.no_grad(), autocast():
+                tl = t.model(input_ids=t_enc.input_ids, attention_mask=t_enc.attention_mask).logits
+            tl = fit_vocab(tl, len(t.vocab)).reshape(B * Lt, -1)
+            full = TeacherDist(len(t.vocab), logits=tl)
+            stats = position_stats(tl, targets) if cfg.weighting.mode == "dynamic" else None
+        dist = full.select(sel_t)
+        dist.temperature = cfg.loss.temperature
+        exact = None
+        if cfg.loss.exact_chunks_only:
+            exact = torch.from_numpy(exact_chunks(al, s_enc.input_ids.cpu().numpy(), t_enc.input_ids.cpu().numpy(),
+                                                  s_vocab.surfaces, t.vocab.surfaces)).to(device)
+        coarser = teacher_is_coarser(s_enc, t_enc)
+        batch = ChunkedBatch(flat_s[sel_s], ps[sel_s], dist, pt[sel_t], al.n_chunks, exact, coarser)
+        if getattr(t.loss, "needs_targets", False):  # alm: chunk likelihoods of both sides' own tokens
+            from distill.losses.alm import complete_chunks, target_log_probs
+
+            tlp = stats[:, 0] if t.cache is not None else target_log_probs(full, targets)
+            batch.student_targets = s_enc.labels.reshape(-1)[sel_s]
+            batch.teacher_target_logp = tlp.to(device)[sel_t]
+            batch.chunk_complete = torch.from_numpy(
+                complete_chunks(al.chunk_a, position_chunks(al.chunk_a), al.n_chunks)
+                & complete_chunks(al.chunk_b, position_chunks(al.chunk_b), al.n_chunks)).to(device)
+        kd = t.loss(batch)
+        kd_terms.append(kd)
+        metrics[f"kd{t.index}"] = float(kd.detach())
+        metrics[f"chunks{t.index}"] = al.n_chunks
+        if cfg.weighting.mode == "dynamic":
+            scores.append(teacher_score(stats, targets >= 0, n_bytes, cfg.weighting.score))
+    weights = teacher_weights(cfg.weighting.mode, [t.weight for t in teachers], scores, cfg.weighting.alpha)
+    for t, w in zip(teachers, weights):
+        metrics[f"w{t.index}"] = round(float(w), 4)
+    rescale = cfg.loss.rescale_kd
+    if rescale and getattr(cfg.loss, "rescale_by", "value") == "gradient":  # equal gradient norms on the logits
+        from distill.losses.base import balance_by_gradient
+
+        kd_terms, rescale = balance_by_gradient(ce, kd_terms, logits), False
+    total = combine(ce, kd_terms, weights, cfg.loss.ce_weight, cfg.loss.kd_weight, rescale)
+    return total, metrics
+
+
+
+
+class DistillTask:
+    """The loop's view of a distillation: this rank's micro-batches of blocks and their loss."""
+
+    def __init__(self, cfg: DistillConfig, s_tok, s_vocab, teachers: list[Teacher], blocks: list[str], order, env,
+                 position: int = 0):
+        tr = cfg.train
+        self.cfg, self.s_tok, self.s_vocab, self.teachers = cfg, s_tok, s_vocab, teachers
+        self.blocks, self.order, self.env, self.position = blocks, order, env, position
+        self.accum = tr.batch_size // (tr.micro_batch_size * env.world_size)
+
+    def micro_batches(self, step: int) -> list[tuple[list[str], np.ndarray]]:
+        mb, env = self.cfg.train.micro_batch_size, self.env
+        out = []
+        for m in range(self.accum):
+            ids = self.order.take(self.position + (m * env.world_size + env.rank) * mb, mb)
+            out.append(([self.blocks[i] for i in ids], ids))
+        self.position += self.cfg.train.batch_size
+        return out
+
+    def loss(self, model, batch, autocast):
+        texts, ids = batch
+        return micro_loss(self.cfg, model, self.s_tok, self.s_vocab, self.teachers, texts, ids, self.env.device,
+                          autocast)
+
+    def step_metrics(self) -> dict:
+        return {"position": self.position}

@@ -1,0 +1,202 @@
+"""Healing as a configuration of the training loop: random windows of a token stream, next-token loss,
+and a parameter policy (new rows row-sparse, their head rows, + LoRA, or every parameter).
+
+Resumable: every ``checkpoint_every`` steps the trained tensors, optimizer states, RNG states, data
+generator and elapsed time go to ``state_dir`` (:mod:`distill.trainer.checkpoint`); ``resume=True``
+continues from the newest. The caller writes the healed model (``surgery heal``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.distributed import DistEnv
+from distill.trainer.checkpoint import checkpoint_dirs, load_state, save_state
+from distill.trainer.loop import LoopSpec, fit
+from distill.trainer.policy import LoraSpec, ParamSpec, Policy
+from distill.trainer.rows import row_mask
+from surgery.errors import SurgeryError
+
+LOG = logging.getLogger(__name__)
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All texts encoded (no special tokens), each after a document-start token: ``(N,)`` int64."""
+    from surgery.evaluate import document_start_id
+
+    start = document_start_id(tokenizer)
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        if start is not None:
+            ids.append(start)
+        ids.extend(enc)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_batch(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """``(B, seq_len)`` random windows of the stream."""
+    hi = max(1, len(stream) - seq_len)
+    starts = torch.randint(0, hi, (batch_size,), generator=gen)
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+
+
+class WindowsTask:
+    """The loop's view of a heal: one batch of random windows per step, the model's own next-token loss."""
+
+    def __init__(self, stream: torch.Tensor, seq_len: int, batch_size: int, seed: int, device):
+        self.stream, self.seq_len, self.batch_size, self.device = stream, seq_len, batch_size, device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.tokens = 0
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        batch = sample_batch(self.stream, self.seq_len, self.batch_size, self.gen).to(self.device)
+        self.tokens = int(batch.numel())
+        return [batch]
+
+    def loss(self, model, batch, autocast):
+        with autocast():
+            out = model(input_ids=batch, labels=batch)
+        return out.loss.float(), {}
+
+    def step_metrics(self) -> dict:
+        return {"tokens": self.tokens}
+
+
+def use_bf16(mode: str, device: torch.device) -> bool:
+    """bf16 autocast: on request, or (auto) on CUDA with bf16 support.
+
+    Not on CPU by default: measured on this project's 2-core AMX Xeon (SmolLM2-135M with a
+    128k vocabulary, 512 tokens per step), bf16 autocast steps took 32-65 s against 20-40 s
+    in float32 (the casts of the large embedding/head matrices cost more than they save).
+    """
+    if mode == "off":
+        return False
+    if mode == "bf16":
+        return True
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def param_spec(cfg, n_rows: int, frozen_rows: np.ndarray | None) -> ParamSpec:
+    """The parameter policy of a heal config (``params``: new-rows | head | lora | all)."""
+    if cfg.params == "all":
+        return ParamSpec(dense="all", lr=cfg.all_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    mask = row_mask(n_rows, frozen_rows if cfg.train_rows == "new" else None)
+    lora = LoraSpec(r=cfg.lora_rank, alpha=2 * cfg.lora_rank, seed=cfg.seed)
+    return ParamSpec(dense="lora" if cfg.params == "lora" else "none", rows=mask, input_rows=cfg.params != "head",
+                     negatives=cfg.negatives, row_lr=cfg.lr, lr=cfg.lora_lr, betas=(0.9, 0.98),
+                     weight_decay=cfg.weight_decay, lora=lora)
+
+
+def _resume(state_dir: Path | None, model, policy, env, task, cfg) -> tuple[int, float, list]:
+    ckpts = checkpoint_dirs(state_dir) if state_dir else []
+    if not ckpts:
+        raise SurgeryError(f"nothing to resume: no heal state under {str(state_dir)!r}", "run without --resume first")
+    st = load_state(ckpts[-1], model, policy, env)
+    budget = ("steps", "minutes")
+    if {k: v for k, v in st["config"].items() if k not in budget} != \
+            {k: v for k, v in cfg.to_dict().items() if k not in budget}:
+        LOG.warning("resuming with a different heal config than the saved state")
+    task.gen.set_state(st["data_rng"])
+    LOG.info("resumed at step %d (%.0f s trained)", st["step"], st["elapsed"])
+    return int(st["step"]), float(st["elapsed"]), list(st["metrics"])
+
+
+def heal(model, tokenizer, texts: list[str], config, state_dir: str | Path | None = None,
+         copied_rows: np.ndarray | None = None, resume: bool = False, eval_text: str | None = None,
+         progress: bool = True, task=None) -> tuple[object, dict, list[dict]]:
+    """Train ``model`` on ``texts`` with the parameter policy of ``config`` (in place for row-sparse policies).
+
+    Args:
+        model: a transplanted causal LM.
+        tokenizer: its tokenizer.
+        texts: training texts (mixed into one stream; windows are drawn at random).
+        config: a :class:`surgery.transplant.config.HealConfig` (``steps`` or ``minutes``).
+        state_dir: where resumable checkpoints go (``None``: no checkpoints).
+        copied_rows: ``(n,)`` ids of rows to keep frozen (with ``train_rows='new'``).
+        resume: continue from the newest checkpoint in ``state_dir``.
+        eval_text: optional text scored in bits/byte before and after.
+        task: the loop's task (default: random windows of ``texts`` with next-token loss, :class:`WindowsTask`),
+            e.g. one with a teacher. It needs a ``gen`` generator (saved for resume) and, if its batches are not
+            token tensors, ``token_ids(batch)``.
+
+    Returns:
+        ``(model, summary, metrics)``; with LoRA the adapters are merged into the returned model.
+
+    Raises:
+        SurgeryError: no list of copied rows where one is needed, too little text, nothing to resume,
+            a non-finite loss (the last checkpoint is kept).
+    """
+    from surgery.evaluate import bits_per_byte
+
+    cfg = config
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.params != "all" and cfg.train_rows == "new" and copied_rows is None:
+        raise SurgeryError("no list of copied rows: cannot tell which rows are new",
+                           "heal a folder written by `surgery transplant` (it holds transplant_rows.json), or train "
+                           "all rows with --train-rows all")
+    stream = token_stream(tokenizer, texts)
+    if len(stream) < cfg.seq_len + 1:
+        raise SurgeryError(f"training text has only {len(stream)} tokens, fewer than seq_len={cfg.seq_len}",
+                           "pass more text or a smaller --seq-len")
+    bpb_before = bits_per_byte(model, tokenizer, eval_text, progress=False).bits_per_byte if eval_text else None
+    model.to(device)
+    policy = Policy(model, param_spec(cfg, model.get_input_embeddings().weight.shape[0], copied_rows))
+    policy.attach(policy.model)
+    env = DistEnv(device=device)
+    task = task if task is not None else WindowsTask(stream, cfg.seq_len, cfg.batch_size, cfg.seed, device)
+    step, elapsed, metrics = 0, 0.0, []
+    sdir = Path(state_dir) if state_dir else None
+    if resume:
+        step, elapsed, metrics = _resume(sdir, policy.model, policy, env, task, cfg)
+    policy.model.train()
+    bf16 = use_bf16(cfg.autocast, device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def checkpoint(at: int, secs: float) -> None:
+        save_state(sdir, at, policy.model, policy, env, "ddp", {"data_rng": task.gen.get_state(), "elapsed": secs,
+                   "metrics": metrics, "config": cfg.to_dict()}, keep=1)
+
+    def evaluate(at: int) -> None:
+        policy.model.eval()
+        with torch.no_grad():
+            bpb = bits_per_byte(policy.model, tokenizer, eval_text, progress=False).bits_per_byte
+        policy.model.train()
+        metrics.append({"event": "eval", "step": at, "heldout_bpb": bpb})
+
+    spec = LoopSpec(steps=cfg.steps, seconds=cfg.minutes * 60 if cfg.minutes else None, warmup=cfg.warmup,
+                    scheduler="cosine", min_lr_ratio=0.1, grad_clip=cfg.grad_clip,
+                    eval_every=cfg.eval_every if eval_text else 0,
+                    checkpoint_every=cfg.checkpoint_every if sdir else 0, progress=progress, desc="heal",
+                    nonfinite_hint="lower --lr (or check the model and texts for NaN)")
+    t0 = time.time() - elapsed
+    try:
+        step, secs = fit(policy.model, task, policy, spec, env, step, elapsed, log=metrics.append,
+                         evaluate=evaluate, checkpoint=checkpoint, autocast=autocast)
+    finally:
+        model = policy.finish(policy.model, merge=True)
+    model.eval()
+    model.to("cpu")
+    summary = _summary(cfg, step, time.time() - t0, len(stream), metrics, policy, device, bf16, bpb_before)
+    if eval_text:
+        summary["bits_per_byte_after"] = bits_per_byte(model, tokenizer, eval_text, progress=False).bits_per_byte
+    return model, summary, metrics
+
+
+def _summary(cfg, step: int, seconds: float, n_tokens: int, metrics: list[dict], policy, device, bf16: bool,
+             bpb_before: float | None) -> dict:
+    train = [m for m in metrics if m.get("event") == "train"]
+    return {"steps": step, "seconds": round(seconds, 1), "tokens_seen": int(step * cfg.seq_len * cfg.batch_size),
+            "train_tokens_available": int(n_tokens),
+            "step_s_median": round(float(np.median([m["step_s"] for m in train])), 3) if train else None,
+            "loss_first": round(train[0]["loss"], 5) if train else None,
+            "loss_last10": round(float(np.mean([m["loss"] for m in train[-10:]])), 5) if train else None,
+            "rows_trained": policy.rows.rows_trained if policy.rows is not None else 0,
+            "params": cfg.params, "device": str(device), "bf16_autocast": bf16, "config": cfg.to_dict(),
+            "bits_per_byte_before": bpb_before}

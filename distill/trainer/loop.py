@@ -1,0 +1,141 @@
+"""The one training loop: heal and distill are configurations of it (their data, loss and policy).
+
+A step: learning-rate factor from the schedule; for each gradient-accumulation micro-batch the task's
+batch is prepared by the policy (row-sparse leaves), its loss computed, checked for NaN/Inf on every
+rank (a non-finite loss stops the run before the update, keeping the last checkpoint), and
+back-propagated (without the DDP/FSDP gradient sync except on the last micro-batch); then one joint
+clip and the optimizer steps. Metrics go to a callback; evaluation and checkpoints every N steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from distill import distributed as dd
+from distill.trainer.schedule import lr_factor
+from distill.trainer.state import NonFiniteError, check_finite
+
+LOG = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """What a run trains on: batches and their loss."""
+
+    def micro_batches(self, step: int) -> list:  # this rank's micro-batches of optimizer step ``step``
+        ...
+
+    def loss(self, model, batch, autocast) -> tuple[torch.Tensor, dict]:  # (scalar loss, metrics)
+        ...
+
+    def step_metrics(self) -> dict:  # extra fields of a step's metrics record (tokens, position)
+        ...
+
+    # optional: token_ids(batch) -> (B, L) student ids, when a batch is not itself a tensor of ids (row-sparse
+    # policies gather the rows of these ids before the forward pass)
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Budget, schedule and cadence of a run."""
+
+    steps: int | None = None
+    seconds: float | None = None
+    warmup: int = 0
+    scheduler: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    accum: int = 1
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    strategy: str = "ddp"
+    progress: bool = True
+    desc: str = "train"
+    nonfinite_hint: str = "lower the learning rate, or check the inputs for NaN/Inf values"
+
+
+def _finite_everywhere(loss: torch.Tensor, env) -> torch.Tensor:
+    """The loss, or NaN when it is non-finite on any rank (so every rank stops together)."""
+    if not env.distributed:
+        return loss
+    bad = dd.all_reduce_mean(env, (~torch.isfinite(loss.detach())).double().reshape(1))
+    return loss if float(bad) == 0 else torch.full_like(loss, float("nan"))
+
+
+def fit(model, task: Task, policy, spec: LoopSpec, env, step: int = 0, elapsed: float = 0.0,
+        log: Callable[[dict], None] | None = None, evaluate: Callable[[int], None] | None = None,
+        checkpoint: Callable[[int, float], None] | None = None, autocast=None) -> tuple[int, float]:
+    """Train ``model`` from ``step`` until the budget is spent.
+
+    Args:
+        model: the (possibly wrapped) model being trained.
+        task: batches and loss.
+        policy: a :class:`~distill.trainer.policy.Policy` already attached to ``model``.
+        spec: budget and cadence.
+        env: the :class:`~distill.distributed.DistEnv`.
+        step, elapsed: where a resumed run starts (steps done, seconds trained).
+        log: receives one metrics record per step.
+        evaluate: called with the step every ``spec.eval_every`` steps (not at the last one).
+        checkpoint: called with ``(step, elapsed)`` every ``spec.checkpoint_every`` steps (not at the last one).
+        autocast: a context-manager factory around forward passes.
+
+    Returns:
+        ``(steps done, seconds trained)``.
+
+    Raises:
+        NonFiniteError: the loss became NaN/Inf (nothing of that step was applied).
+    """
+    t_run = time.time() - elapsed
+    token_ids = getattr(task, "token_ids", None)  # the student's (B, L) ids of a batch, for row-sparse policies
+    bar = tqdm(total=spec.steps, initial=step, desc=spec.desc, disable=not (spec.progress and env.is_main), leave=False)
+
+    def done() -> bool:
+        if spec.steps is not None and step >= spec.steps:
+            return True
+        return spec.seconds is not None and time.time() - t_run >= spec.seconds
+
+    try:
+        while not done():
+            frac = (time.time() - t_run) / spec.seconds if spec.seconds else None
+            lr = policy.set_lr(lr_factor(step, spec.warmup, spec.steps, spec.scheduler, spec.min_lr_ratio, frac))
+            t0 = time.time()
+            loss_sum, agg = 0.0, {}
+            batches = task.micro_batches(step)
+            for m, batch in enumerate(batches):
+                policy.prepare(token_ids(batch) if token_ids is not None else batch)
+                last = m == len(batches) - 1
+                with dd.no_grad_sync(model, env, spec.strategy, skip=not last):
+                    loss, mets = task.loss(model, batch, autocast)
+                    check_finite(_finite_everywhere(loss, env), step, spec.nonfinite_hint)
+                    if loss.requires_grad:
+                        (loss / len(batches)).backward()
+                loss_sum += float(loss.detach()) / len(batches)
+                for k, v in mets.items():
+                    agg[k] = agg.get(k, 0.0) + float(v) / len(batches)
+            gnorm = policy.clip_and_step(spec.grad_clip)
+            step += 1
+            keys = sorted(agg)
+            red = dd.all_reduce_mean(env, torch.tensor([loss_sum] + [agg[k] for k in keys], dtype=torch.float64,
+                                                       device=env.device)).tolist()
+            rec = {"event": "train", "step": step, "loss": red[0], **{k: round(v, 6) for k, v in zip(keys, red[1:])},
+                   "lr": lr, "grad_norm": gnorm, **task.step_metrics(), **policy.metrics(),
+                   "step_s": round(time.time() - t0, 3), "elapsed_s": round(time.time() - t_run, 1)}
+            if log is not None:
+                log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            bar.update(1)
+            if evaluate is not None and spec.eval_every and step % spec.eval_every == 0 and not done():
+                evaluate(step)
+            if checkpoint is not None and spec.checkpoint_every and step % spec.checkpoint_every == 0 and not done():
+                checkpoint(step, time.time() - t_run)
+    finally:
+        bar.close()
+    return step, time.time() - t_run
+
+
+__all__ = ["LoopSpec", "NonFiniteError", "Task", "fit"]

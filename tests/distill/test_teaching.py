@@ -1,0 +1,54 @@
+"""A teacher for healing: which teacher a heal gets, and one step of its task on tiny models."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from distill.teaching import TeacherTask, load_heal_teacher, resolve_teacher
+from surgery.errors import SurgeryError
+
+
+def test_resolve_teacher(tmp_path):
+    assert resolve_teacher("none", tmp_path) is None
+    assert resolve_teacher("gemma3-270m", tmp_path) == "gemma3-270m"
+    with pytest.raises(SurgeryError, match="base model"):
+        resolve_teacher("auto", tmp_path)
+    (tmp_path / "transplant_report.json").write_text(json.dumps({"base_model": "smollm2-135m"}))
+    assert resolve_teacher("auto", tmp_path) == "smollm2-135m"
+
+
+@pytest.mark.parametrize("loss", ["alm", "pkl"])
+def test_teacher_task_step(loss, tiny_student, tiny_teacher, tiny_text):
+    from surgery.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_student))
+    teacher, sv, lc = load_heal_teacher(str(tiny_teacher), tok, loss, torch.device("cpu"), top_k=128)
+    texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")]
+    task = TeacherTask(texts, tok, sv, teacher, lc, seq_len=48, batch_size=2, seed=0, device=torch.device("cpu"))
+    student = load_model(str(tiny_student))
+    student.train()
+    (batch,) = task.micro_batches(0)
+    total, mets = task.loss(student, batch, contextlib.nullcontext)
+    total.backward()
+    assert torch.isfinite(total) and mets["kd0"] > 0 and total.item() > mets["ce"]
+    assert student.model.embed_tokens.weight.grad.abs().sum() > 0
+    again = TeacherTask(texts, tok, sv, teacher, lc, seq_len=48, batch_size=2, seed=0, device=torch.device("cpu"))
+    assert again.micro_batches(0)[0][1] == batch[1]  # the seed fixes the block order
+
+
+@pytest.mark.parametrize("params", ["new-rows", "head", "lora", "all"])
+def test_heal_with_a_teacher_under_every_parameter_policy(params, tiny_student, tiny_teacher, tiny_text, tmp_path):
+    from surgery.commands.heal import heal_checkpoint
+    from surgery.transplant.config import HealConfig
+
+    cfg = HealConfig(steps=2, params=params, train_rows="all", teacher=str(tiny_teacher), loss="alm", seq_len=48,
+                     batch_size=2, warmup=0, device="cpu")
+    s = heal_checkpoint(str(tiny_student), [str(tiny_text / "train.txt")], str(tmp_path / "out"), cfg, progress=False)
+    assert s["steps"] == 2 and s["teacher"] == str(tiny_teacher)
+    rows = [json.loads(l) for l in (tmp_path / "out" / "heal_metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("event") == "train"]
+    assert all("kd0" in r and r["loss"] > r["ce"] for r in train)  # CE + the teacher's term
