@@ -11,9 +11,12 @@ replaced with ``overwrite=True``.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -25,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from surgery.errors import SurgeryError
+from surgery.files import check_safetensors_complete, pid_alive
 
 LOG = logging.getLogger(__name__)
 
@@ -33,19 +37,8 @@ INDEX_NAME = "model.safetensors.index.json"
 
 def _check_safetensors_file(path: Path) -> None:
     """Check a safetensors file's header and that its data section is complete."""
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError("header runs past the end of the file")
-            header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"data section needs {8 + n + end} bytes, file has {size}")
+        check_safetensors_complete(path)
     except (ValueError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise SurgeryError(
             f"weights file {str(path)!r} is corrupt or truncated ({e})",
@@ -109,6 +102,12 @@ def iter_tensors(folder: str | Path, device: str = "cpu") -> Iterator[tuple[str,
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` only if the block succeeds.
 
+    The folder gets the permissions of an ordinary ``mkdir`` under the user's umask (0755 under
+    umask 022), not the 0700 of a private temporary folder. Its name, ``.OUT.tmp-<pid>-<random>``,
+    carries the writer's process id: folders of an interrupted earlier write to the same output
+    (their process is gone) are reported and removed first, and a ``.OUT.old-<pid>`` left between
+    the two renames of an interrupted replacement is put back when ``out`` itself is missing.
+
     Raises:
         SurgeryError: ``out`` exists and ``overwrite`` is False (checked before any work).
     """
@@ -116,9 +115,32 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     if out.exists() and not overwrite:
         raise SurgeryError(f"output {str(out)!r} already exists", "pass --overwrite to replace it, or choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+    for kind in ("old", "tmp"):  # stale leftovers of interrupted writes: restore the old output first
+        for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            m = re.fullmatch(rf"\.{re.escape(out.name)}\.{kind}-(\d+)(?:-.*)?", stale.name)
+            if m and pid_alive(int(m.group(1))):
+                continue  # another process is writing this output right now
+            if kind == "old" and not out.exists():
+                LOG.warning("restoring %s: an interrupted replacement left the previous output there", stale)
+                os.replace(stale, out)
+                continue
+            LOG.warning("removing %s, left by an interrupted write to %s", stale, out)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+    if out.exists() and not overwrite:  # a restored output
+        raise SurgeryError(f"output {str(out)!r} already exists",
+                           "pass --overwrite to replace it, or choose another path")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+        for dirpath, _, filenames in os.walk(tmp):  # some writers (safetensors) create 0600 files
+            for name in filenames:
+                f = os.path.join(dirpath, name)
+                if not os.path.islink(f):
+                    os.chmod(f, (0o777 if os.stat(f).st_mode & 0o111 else 0o666) & ~umask)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -131,9 +153,30 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         raise
 
 
-def check_output_free(out: str | Path, overwrite: bool) -> None:
-    """Fail early, before expensive work, when an output exists and may not be replaced."""
+def check_output_free(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Fail early, before expensive work, when an output may not be written.
+
+    Args:
+        out: the output path.
+        overwrite: whether an existing ``out`` may be replaced.
+        inputs: local input paths (models, tokenizers, texts); ``out`` may not be one of them, lie
+            inside one, or contain one, even with ``overwrite``.
+
+    Raises:
+        SurgeryError: ``out`` exists without ``overwrite``, or overlaps an input.
+    """
     out = Path(out).expanduser()
+    target = out.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        p = Path(inp).expanduser()
+        if not p.exists():
+            continue
+        p = p.resolve()
+        if target == p or p in target.parents or target in p.parents:
+            raise SurgeryError(f"output {str(out)!r} overlaps the input {str(inp)!r}",
+                               "write the output to a new path; inputs are never replaced")
     if out.exists() and not overwrite:
         raise SurgeryError(f"output {str(out)!r} already exists", "pass --overwrite to replace it, or choose another path")
 
@@ -224,3 +267,171 @@ def save_checkpoint(
                 f.write(content)
     LOG.info("wrote checkpoint to %s", out)
     return out.resolve()
+
+
+# --------------------------------------------------------------------------- streaming
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        _ST_DTYPES["F8_E4M3" if "e4m3" in _name else "F8_E5M2"] = getattr(torch, _name)
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise when a floating-point tensor holds NaN or inf values.
+
+    Raises:
+        SurgeryError: one line naming the tensor.
+    """
+    if not tensor.is_floating_point() or not tensor.numel():
+        return
+    try:  # one pass without temporaries (NaN propagates through min/max): ~20x faster than isfinite().all()
+        lo, hi = torch.aminmax(tensor.reshape(-1))
+        ok = bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    except (RuntimeError, NotImplementedError):  # dtypes without aminmax (float8)
+        ok = bool(torch.isfinite(tensor.float()).all())
+    if not ok:
+        raise SurgeryError(f"tensor {name!r} holds NaN or inf values; the checkpoint is broken",
+                           "re-download or re-create the checkpoint (nothing was written)")
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file (after :func:`_check_safetensors_file`)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a safetensors checkpoint folder (one file or sharded with an index).
+
+    Only headers are read on construction; every check that can fail (corrupt or truncated shards,
+    tensors named in the index but absent from their shard, dtypes) fails here, before any work.
+    Tensors come back one at a time and are checked for NaN/inf as they are read.
+
+    Attributes:
+        keys: tensor names in storage order (shard by shard, by offset).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        validate_model_folder(self.folder)
+        self._where: dict[str, tuple[Path, int, int, str, list[int]]] = {}
+        self.keys: list[str] = []
+        files = weight_files(self.folder)
+        for f in files:
+            header, start = _read_header(f)
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][0])
+            for k, v in entries:
+                if v["dtype"] not in _ST_DTYPES:
+                    raise SurgeryError(f"tensor {k!r} in {f.name} has dtype {v['dtype']}, not supported here",
+                                       "convert the checkpoint to bf16/fp16/fp32 safetensors")
+                a, b = (int(x) for x in v["data_offsets"])
+                self._where[k] = (f, start + a, b - a, v["dtype"], list(v["shape"]))
+                self.keys.append(k)
+        idx = self.folder / INDEX_NAME
+        if idx.exists():
+            for k, fname in json.loads(idx.read_text())["weight_map"].items():
+                got = self._where.get(k)
+                if got is None or got[0].name != fname:
+                    raise SurgeryError(f"tensor {k!r} is named in {INDEX_NAME} (shard {fname}) but that shard "
+                                       "does not hold it", "re-download or re-create the checkpoint")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._where[key][4])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _ST_DTYPES[self._where[key][3]]
+
+    def nbytes(self, key: str) -> int:
+        return self._where[key][2]
+
+    def shard(self, key: str) -> str:
+        return self._where[key][0].name
+
+    def get(self, key: str, check: bool = True) -> torch.Tensor:
+        """Read one tensor (in its stored dtype, CPU), checked for NaN/inf.
+
+        Raises:
+            SurgeryError: unknown name, short read or non-finite values.
+        """
+        if key not in self._where:
+            raise SurgeryError(f"checkpoint {str(self.folder)!r} has no tensor {key!r}", "check the checkpoint")
+        path, off, n, dt, shape = self._where[key]
+        buf = bytearray(n)
+        with open(path, "rb") as f:
+            f.seek(off)
+            if f.readinto(buf) != n:
+                raise SurgeryError(f"weights file {str(path)!r} is truncated (tensor {key!r})",
+                                   "re-download or re-create the checkpoint")
+        t = (torch.frombuffer(buf, dtype=_ST_DTYPES[dt]) if n else torch.empty(0, dtype=_ST_DTYPES[dt])).reshape(shape)
+        if check:
+            check_finite(key, t)
+        return t
+
+
+def _shard_plan(entries: list[tuple[str, torch.dtype, list[int]]], max_shard_bytes: int) -> list[list[int]]:
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, dt, shape) in enumerate(entries):
+        n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    return shards
+
+
+def write_streamed_shards(entries: list[tuple[str, torch.dtype, list[int]]], produce, folder: Path,
+                          max_shard_bytes: int = 5 * 1000**3, groups: list[list[int]] | None = None) -> dict:
+    """Write tensors one at a time into HF-named shards plus ``model.safetensors.index.json``.
+
+    Args:
+        entries: ``(name, dtype, shape)`` of every output tensor, in output order.
+        produce: ``produce(name) -> tensor`` called once per tensor, in order (one tensor in flight).
+        max_shard_bytes: shard size limit (a single larger tensor gets a shard of its own).
+        groups: explicit shards (lists of indices into ``entries``) instead of the size limit.
+
+    Returns:
+        The index dict written.
+    """
+    if len({k for k, _, _ in entries}) != len(entries):
+        raise SurgeryError("duplicate tensor names in a checkpoint write", "this is a bug; please report it")
+    plan = groups if groups is not None else _shard_plan(entries, max_shard_bytes)
+    n_shards = len(plan)
+    weight_map, total = {}, 0
+    for s, idxs in enumerate(plan, 1):
+        name = f"model-{s:05d}-of-{n_shards:05d}.safetensors"
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for i in idxs:
+            k, dt, shape = entries[i]
+            n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+            header[k] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for i in idxs:
+                k, dt, shape = entries[i]
+                t = produce(k)
+                if t.dtype != dt or list(t.shape) != list(shape):
+                    raise SurgeryError(f"tensor {k!r} came out {t.dtype} {list(t.shape)}, planned {dt} {shape}",
+                                       "this is a bug; please report it")
+                t = t.detach().to("cpu").contiguous()
+                if t.numel():
+                    f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                weight_map[k] = name
+                total += t.numel() * t.element_size()
+                del t
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index

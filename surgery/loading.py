@@ -27,6 +27,24 @@ def resolve(name_or_path: str | Path) -> str:
     return assets.resolve(str(name_or_path))
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` (or ``fp32`` / ``bf16`` / ``fp16``) as a torch dtype.
+
+    Raises:
+        SurgeryError: any other name.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower().replace("torch.", "")]
+    except KeyError:
+        raise SurgeryError(f"unknown dtype {name!r}", "use float32, bfloat16 or float16") from None
+
+
 def _looks_local(s: str) -> bool:
     return s.startswith((".", "/", "~")) or Path(s).exists() or s.count("/") > 1 or "\\" in s
 
@@ -87,12 +105,13 @@ def load_model(
         validate_model_folder(p)
     elif _looks_local(src):
         raise SurgeryError(f"model folder {src!r} does not exist", "check the path, or run `surgery assets` for the shipped models")
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if isinstance(dtype, str) and dtype != "auto":  # auto: the checkpoint's own dtype
+        dtype = parse_dtype(dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(p) if p.exists() else src, dtype=dtype, trust_remote_code=trust_remote_code
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        model = AutoModelForCausalLM.from_pretrained(  # straight onto a GPU: no CPU copy of a large model
+            str(p) if p.exists() else src, dtype=dtype, trust_remote_code=trust_remote_code,
+            **({"device_map": str(device)} if on_gpu else {}),
         )
     except SurgeryError:
         raise
@@ -101,6 +120,10 @@ def load_model(
             f"could not load a causal LM from {src!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
             "pass a Hugging Face causal-LM folder (config.json + safetensors) or a hub id",
         ) from e
+    from surgery.checkpoint import check_finite
+
+    for name, t in model.state_dict().items():
+        check_finite(name, t)
     model.eval()
     if device is not None:
         model.to(device)
@@ -110,3 +133,45 @@ def load_model(
 def default_device() -> torch.device:
     """CUDA when there is one, CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def checkpoint_folder(name_or_path: str | Path) -> Path:
+    """A local folder holding a checkpoint's config, tokenizer, index and shards.
+
+    Local folders (and shipped asset names) are returned as they are. For a hub id, only
+    ``config.json``, the generation config, tokenizer files, the safetensors index and the
+    shards it names (or ``model.safetensors``) are downloaded, one file at a time, so that
+    pickles, ``original/`` folders and other formats in the repository are never fetched.
+
+    Raises:
+        SurgeryError: a local path that does not exist, or a hub id that cannot be fetched.
+    """
+    import json
+
+    src = resolve(name_or_path)
+    p = Path(src).expanduser()
+    if p.exists():
+        return p
+    if _looks_local(src):
+        raise SurgeryError(f"model folder {src!r} does not exist",
+                           "check the path, or run `surgery assets` for the shipped models")
+    from huggingface_hub import hf_hub_download
+
+    def get(fname: str, required: bool) -> Path | None:
+        try:
+            return Path(hf_hub_download(src, fname))
+        except Exception as e:  # missing file, offline, gated, unknown repo
+            if required:
+                raise SurgeryError(f"could not fetch {fname!r} of {src!r}: {type(e).__name__}",
+                                   "check the hub id and your connection (or pass a local folder)") from e
+            return None
+
+    folder = get("config.json", True).parent
+    idx = get("model.safetensors.index.json", False)
+    shards = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx else ["model.safetensors"]
+    for s in shards:
+        get(s, True)
+    for f in ("generation_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+              "tokenizer.model", "merges.txt", *TOKENIZER_FILES):
+        get(f, False)
+    return folder

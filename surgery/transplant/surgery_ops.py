@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 
 import numpy as np
 import torch
@@ -57,7 +56,8 @@ def embedding_modules(model) -> tuple[nn.Module, nn.Module | None, bool]:
     if head is not None and getattr(head, "bias", None) is not None:
         raise SurgeryError(f"model {type(model).__name__} has an output head with a bias; not supported",
                            "transplant a model whose lm_head has no bias")
-    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    tied = head is not None and (head.weight is emb.weight or (
+        not head.weight.is_meta and head.weight.data_ptr() == emb.weight.data_ptr()))
     return emb, head, tied
 
 
@@ -66,6 +66,15 @@ def _set_vocab_size(config, n: int) -> None:
     sub = getattr(config, "text_config", None)
     if sub is not None and hasattr(sub, "vocab_size"):
         sub.vocab_size = n
+
+
+def set_vocab_config(config, n_rows: int, tie: bool) -> None:
+    """Write the new row count and head tying into a model config (and its ``text_config``)."""
+    _set_vocab_size(config, n_rows)
+    config.tie_word_embeddings = tie
+    sub = getattr(config, "text_config", None)
+    if sub is not None and hasattr(sub, "tie_word_embeddings"):
+        sub.tie_word_embeddings = tie
 
 
 def replace_rows(model, new_in: torch.Tensor, new_out: torch.Tensor | None, pad_id: int | None = None) -> None:
@@ -89,12 +98,8 @@ def replace_rows(model, new_in: torch.Tensor, new_out: torch.Tensor | None, pad_
             head.weight = nn.Parameter(new_out.contiguous(), requires_grad=head.weight.requires_grad)
         if hasattr(head, "out_features"):
             head.out_features = V
-    _set_vocab_size(model.config, V)
     tie = head is not None and new_out is None
-    model.config.tie_word_embeddings = tie
-    sub = getattr(model.config, "text_config", None)
-    if sub is not None and hasattr(sub, "tie_word_embeddings"):
-        sub.tie_word_embeddings = tie
+    set_vocab_config(model.config, V, tie)
     if hasattr(model, "get_expanded_tied_weights_keys"):
         try:
             model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True) if tie else {}
@@ -243,7 +248,3 @@ def add_chat_markers(old_tok, new_tok) -> list[str]:
     if missing:
         new_tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     return missing
-
-
-def slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_")[-60:] or "model"

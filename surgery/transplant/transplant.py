@@ -24,10 +24,11 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.transplant.config import TransplantConfig
-from surgery.transplant.methods import METHODS, SOURCE_NAMES, SRC_RANDOM, MethodInputs
+from surgery.transplant.methods import METHODS, SOURCE_NAMES, MethodInputs
+from surgery.transplant.rows import build_matrix, fit_bias_direction, streamed_bias_fn
 from surgery.transplant.surgery_ops import (add_chat_markers, chat_template_plan, embedding_modules,
-                                            fill_missing_roles, padded_size, replace_rows, special_token_map,
-                                            update_config_ids)
+                                            fill_missing_roles, padded_size, replace_rows, set_vocab_config,
+                                            special_token_map, update_config_ids)
 from surgery.vocab.surfaces import canonical_vocabulary
 
 LOG = logging.getLogger(__name__)
@@ -55,108 +56,56 @@ class TransplantReport:
         return json.dumps(self.data, indent=2, sort_keys=False, default=str) + "\n"
 
 
-def _apply_coef(coef, old: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """``coef @ old`` for a ``(T, V)`` CSR and ``(V, d)`` rows, in row chunks (float32 result)."""
-    src = old.detach().float().cpu().numpy()
-    out = np.empty((coef.shape[0], src.shape[1]), dtype=np.float32)
-    for s in range(0, coef.shape[0], chunk):
-        out[s:s + chunk] = (coef[s:s + chunk] @ src).astype(np.float32)
-    return torch.from_numpy(out)
+@dataclass
+class NewRows:
+    """New embedding rows and what :func:`compute_rows` decided.
 
-
-def _row_stats(w: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    x = w.detach()[torch.as_tensor(rows)].double()
-    return x.mean(0), x.std(0)
-
-
-def _build_matrix(old: torch.Tensor, coef, plan_src: np.ndarray, targets: np.ndarray, copies: tuple,
-                  V_pad: int, base_rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
-    """New ``(V_pad, d)`` matrix: mean everywhere, copies bit for bit, combinations, random rows."""
-    d = old.shape[1]
-    mean, std = _row_stats(old, base_rows)
-    new = mean.to(old.dtype).expand(V_pad, d).clone()
-    comb = _apply_coef(coef, old)
-    rnd = plan_src == SRC_RANDOM
-    if rnd.any():
-        comb[torch.as_tensor(np.flatnonzero(rnd))] = (
-            torch.randn(int(rnd.sum()), d, generator=gen, dtype=torch.float64) * std + mean).float()
-    new[torch.as_tensor(targets)] = comb.to(old.dtype)
-    for new_ids, old_ids in copies:  # last: copies are never overwritten and stay bit-exact
-        if len(new_ids):
-            new[torch.as_tensor(new_ids)] = old.detach()[torch.as_tensor(old_ids)]
-    return new
-
-
-def _bias_direction(model, old_tok, cfg) -> tuple[torch.Tensor, dict]:
-    """Fit the logit-bias direction of the (still unmodified) model on calibration text."""
-    from surgery.transplant.calibration import bias_direction, default_calibration_texts, head_inputs
-
-    if cfg.calibration_texts:
-        from surgery.textio import read_texts
-
-        texts = [t[:4000] for t in read_texts(cfg.calibration_texts)]
-    else:
-        texts = default_calibration_texts()
-    H = head_inputs(model, old_tok, texts)
-    delta, fit = bias_direction(H)
-    fit["source"] = "texts" if texts else "sampled"
-    LOG.info("bias direction fitted on %d positions: %s", H.shape[0], fit)
-    return delta, fit
-
-
-@torch.no_grad()
-def shadowed_byte_tokens(tokenizer, vocab) -> np.ndarray:
-    """Byte-fallback ids (``<0xNN>``) whose byte is also the surface of an ordinary token of the same vocabulary.
-
-    The tokenizer never emits them (byte fallback only spells characters the vocabulary lacks), but an
-    exact copy would give them the ordinary token's head row too, and the head then splits that token's
-    probability between the twins (half the mass of ``,``, ``.``, ``\\n`` with Gemma-3's tokenizer).
-
-    Returns:
-        ``(n,)`` sorted ids (empty for tokenizers without ``<0xNN>`` pieces).
+    Attributes:
+        new_in: ``(V_pad, d)`` input rows.
+        new_out: ``(V_pad, d)`` head rows, or ``None`` (tied head, or no head).
+        tokenizer: the tokenizer to save (see :class:`TransplantReport`).
+        data: the report dict (``config_ids`` is filled by the caller).
+        copied: ``(n,)`` new ids whose rows were copied.
+        special: ``(new_ids, old_ids)`` of special tokens matched by role.
     """
-    single: dict[bytes, list[int]] = {}
-    for i, s in enumerate(vocab.surfaces):
-        if s is not None and len(s) == 1:
-            single.setdefault(s, []).append(i)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    out = []
-    for byte in range(256):
-        i = tokenizer.convert_tokens_to_ids(f"<0x{byte:02X}>")
-        if i is None or i == unk or not 0 <= i < len(vocab.surfaces) or vocab.surfaces[i] != bytes([byte]):
-            continue
-        if any(j != i for j in single.get(bytes([byte]), ())):
-            out.append(int(i))
-    return np.array(sorted(out), dtype=np.int64)
+
+    new_in: torch.Tensor
+    new_out: torch.Tensor | None
+    tokenizer: object
+    data: dict
+    copied: np.ndarray
+    special: tuple
 
 
-def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, donor=None,
-               progress: bool = False, old_vocab=None, new_vocab=None) -> tuple[object, TransplantReport]:
-    """Replace ``model``'s vocabulary by ``new_tok``'s, in place.
+def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, old_tok, new_tok,
+                 config: TransplantConfig | None = None, donor_in: torch.Tensor | None = None, bias_fn=None,
+                 progress: bool = False, old_vocab=None, new_vocab=None, out_dtype: torch.dtype | None = None
+                 ) -> NewRows:
+    """New input (and head) rows for ``new_tok`` from the old matrices alone.
 
     Args:
-        model: a HF causal LM (any dtype; rows are computed in float32).
-        old_tok: the tokenizer the model was trained with.
-        new_tok: the new tokenizer (not modified; the report carries the one to save).
-        config: :class:`TransplantConfig`.
-        donor: for ``omp``: a model (or its ``(V_new, d')`` input rows) that speaks ``new_tok``.
-        old_vocab, new_vocab: canonical vocabularies already built for these tokenizers (saves
-            time for large vocabularies; ignored when the new tokenizer has to be changed).
-
-    Returns:
-        ``(model, report)``.
+        old_in: ``(V_rows, d)`` old input rows (any dtype; the work is float32).
+        old_out: ``(V_rows, d)`` old head rows when ``head == "untied"``, else ``None``.
+        head: ``"tied"``, ``"untied"`` or ``"none"``.
+        old_tok, new_tok: the model's tokenizer and the new one (not modified).
+        donor_in: for ``omp``: ``(V_new, d')`` input rows of a model that speaks ``new_tok``.
+        bias_fn: ``bias_fn(old_in_f32) -> (δ (d,), fit)``, the logit-bias direction of the
+            unmodified model, called only when the method asks for logit offsets.
+        out_dtype: dtype of the new rows (default: ``old_in``'s).
 
     Raises:
-        SurgeryError: no input embeddings, unusable tokenizers or donor.
+        SurgeryError: unusable tokenizers or donor.
     """
     cfg = config or TransplantConfig()
     t_start = time.time()
     timings = {}
-    emb, head, tied = embedding_modules(model)
-    old_in = emb.weight.detach()
-    V_rows, d = old_in.shape
-    old_out = head.weight.detach() if head is not None else old_in
-    separate = head is not None and (not tied or cfg.untie)
+    out_dtype = out_dtype or old_in.dtype
+    in_f = old_in.detach().float()
+    out_f = old_out.detach().float() if old_out is not None else in_f
+    del old_in, old_out  # float32 copies only (exact upcasts): the stored-dtype tensors may be freed
+    V_rows, d = in_f.shape
+    tied = head == "tied"
+    separate = head == "untied" or (tied and cfg.untie)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     # copy the caller's tokenizer only when something on it will change (a 262k copy takes seconds)
@@ -197,11 +146,9 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
     LOG.info("new vocabulary %d: %d exact, %d special matched, %d to initialize (%s)", V_new, len(ex_new),
              len(sp_new), len(targets), cfg.method)
 
-    donor_in = None
     if cfg.method == "omp":
-        if donor is None:
+        if donor_in is None:
             raise SurgeryError("method 'omp' needs a donor model", "pass --donor MODEL (a model with the new tokenizer)")
-        donor_in = donor if isinstance(donor, torch.Tensor) else embedding_modules(donor)[0].weight.detach()
         if donor_in.shape[0] < len(new_tok):
             raise SurgeryError(f"donor has {donor_in.shape[0]} embedding rows but the new tokenizer {len(new_tok)} ids",
                                "the donor must be a model trained with the new tokenizer")
@@ -218,41 +165,47 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
 
     base_rows = np.flatnonzero(np.fromiter((s is not None for s in old_vocab.surfaces), bool, len(old_vocab)))
     base_rows = base_rows[base_rows < V_rows]
-    inputs = MethodInputs(old_vocab, new_vocab, old_in.float(), old_out.float(), targets, separate, ex_new, ex_old,
+    inputs = MethodInputs(old_vocab, new_vocab, in_f, out_f, targets, separate, ex_new, ex_old,
                           cfg, aux_factory, donor_in, device, progress)
     t0 = time.time()
     plan = METHODS[cfg.method](inputs)
+    del inputs, aux_holder[:]
     timings["method"] = round(time.time() - t0, 2)
 
     delta = None
     if plan.out_bias is not None and np.any(plan.out_bias):
         t0 = time.time()
-        delta, fit = _bias_direction(model, old_tok, cfg)
-        plan.stats["bias_direction"] = fit
-        plan.stats["out_bias_mean"] = round(float(plan.out_bias.mean()), 4)
+        fitted = bias_fn(in_f) if bias_fn is not None else None
+        if fitted is None:
+            plan.stats["bias_direction"] = {"skipped": "no model forward or calibration text to fit it on"}
+            LOG.warning("logit offsets skipped: no model forward or calibration text to fit the bias direction")
+        else:
+            delta, fit = fitted
+            plan.stats["bias_direction"] = fit
+            plan.stats["out_bias_mean"] = round(float(plan.out_bias.mean()), 4)
         timings["bias_direction"] = round(time.time() - t0, 2)
 
     t0 = time.time()
     V_pad = padded_size(V_new, cfg.pad_to_multiple)
     gen = torch.Generator().manual_seed(cfg.seed)
     copies = ((ex_new, ex_old), (sp_new, sp_old))
-    new_in = _build_matrix(old_in, plan.coef_in, plan.source, targets, copies, V_pad, base_rows, gen)
+    new_in = build_matrix(in_f, out_dtype, plan.coef_in, plan.source, targets, copies, V_pad, base_rows, gen)
     new_out = None
     if separate:
         coef_out = plan.coef_out if plan.coef_out is not None else plan.coef_in
-        new_out = _build_matrix(old_out, coef_out, plan.source, targets, copies, V_pad, base_rows, gen)
+        new_out = build_matrix(out_f, out_dtype, coef_out, plan.source, targets, copies, V_pad, base_rows, gen)
+    del in_f, out_f
     if delta is not None:  # logit offsets of merged tokens, on the head rows (tied: the shared rows)
         rows = new_out if new_out is not None else new_in
-        shift = torch.from_numpy(plan.out_bias).double()[:, None] * delta.double()[None, :]
-        tt = torch.as_tensor(targets)
-        rows[tt] = (rows[tt].double() + shift).to(rows.dtype)
-    shadowed = shadowed_byte_tokens(new_tok, new_vocab)
-    if len(shadowed):  # never emitted: a zero head row (logit 0) instead of their ordinary twin's row
+        bias, d64 = torch.from_numpy(plan.out_bias).double(), delta.double()[None, :]
+        for s in range(0, len(targets), 8192):
+            tt = torch.as_tensor(targets[s:s + 8192])
+            shift = bias[s:s + 8192][:, None] * d64
+            rows[tt] = (rows[tt].double() + shift).to(rows.dtype)
+    never = new_vocab.never_emitted  # twins the tokenizer never produces (byte fallback beside an ordinary piece)
+    if len(never):  # a zero head row (logit 0), so they do not take probability from their emitted twin
         rows = new_out if new_out is not None else new_in
-        rows[torch.as_tensor(shadowed)] = 0
-    pad_id = getattr(new_tok, "pad_token_id", None)
-    replace_rows(model, new_in, new_out, pad_id)
-    cfg_ids = update_config_ids(model, old_tok, new_tok, sp_new, sp_old)
+        rows[torch.as_tensor(never)] = 0
     template, decision, missing = chat_template_plan(old_tok, new_tok)
     if decision == "carried":
         new_tok.chat_template = template
@@ -275,20 +228,55 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
             **src_counts,
             "undefined_or_padding": int(V_pad - len(ex_new) - len(sp_new) - len(targets) - len(unmatched_special)),
         },
-        "shadowed_byte_tokens": int(len(shadowed)),
-        "head": "untied" if separate else ("tied" if head is not None else "none"),
+        "never_emitted": int(len(never)),
+        "head": "untied" if separate else ("tied" if head != "none" else "none"),
         "untied_by_request": bool(cfg.untie and tied),
         "filled_roles": filled,
         "added_chat_markers": added_markers,
         "chat_template": {"decision": decision, "missing_markers": missing},
-        "config_ids": cfg_ids,
+        "config_ids": None,
         "special_map": {str(n): int(o) for n, o in zip(sp_new.tolist(), sp_old.tolist())},
         "method_stats": plan.stats,
         "timings_s": timings,
     }
-    LOG.info("transplant done in %.1fs: %s", timings["total"], report["counts"])
-    copied = np.union1d(ex_new, sp_new)
-    return model, TransplantReport(new_tok, report, copied)
+    LOG.info("rows computed in %.1fs: %s", timings["total"], report["counts"])
+    return NewRows(new_in, new_out, new_tok, report, np.union1d(ex_new, sp_new), (sp_new, sp_old))
+
+
+def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, donor=None,
+               progress: bool = False, old_vocab=None, new_vocab=None) -> tuple[object, TransplantReport]:
+    """Replace ``model``'s vocabulary by ``new_tok``'s, in place.
+
+    Args:
+        model: a HF causal LM (any dtype; rows are computed in float32 and stored in the model's dtype).
+        old_tok: the tokenizer the model was trained with.
+        new_tok: the new tokenizer (not modified; the report carries the one to save).
+        config: :class:`TransplantConfig`.
+        donor: for ``omp``: a model (or its ``(V_new, d')`` input rows) that speaks ``new_tok``.
+        old_vocab, new_vocab: canonical vocabularies already built for these tokenizers (saves
+            time for large vocabularies; ignored when the new tokenizer has to be changed).
+
+    Returns:
+        ``(model, report)``.
+
+    Raises:
+        SurgeryError: no input embeddings, unusable tokenizers or donor.
+    """
+    cfg = config or TransplantConfig()
+    emb, head, tied = embedding_modules(model)
+    kind = "none" if head is None else ("tied" if tied else "untied")
+    donor_in = None
+    if cfg.method == "omp" and donor is not None:
+        donor_in = donor if isinstance(donor, torch.Tensor) else embedding_modules(donor)[0].weight.detach()
+    rows = compute_rows(emb.weight.detach(), head.weight.detach() if kind == "untied" else None, kind, old_tok,
+                        new_tok, cfg, donor_in=donor_in, bias_fn=lambda _rows: fit_bias_direction(model, old_tok, cfg),
+                        progress=progress, old_vocab=old_vocab, new_vocab=new_vocab)
+    t0 = time.time()
+    replace_rows(model, rows.new_in, rows.new_out, getattr(rows.tokenizer, "pad_token_id", None))
+    rows.data["config_ids"] = update_config_ids(model, old_tok, rows.tokenizer, *rows.special)
+    rows.data["timings_s"]["assemble"] = round(rows.data["timings_s"]["assemble"] + time.time() - t0, 2)
+    LOG.info("transplant done in %.1fs: %s", rows.data["timings_s"]["total"], rows.data["counts"])
+    return model, TransplantReport(rows.tokenizer, rows.data, rows.copied)
 
 
 def model_card(report: dict, base: str, tokenizer: str) -> str:
@@ -315,24 +303,37 @@ def model_card(report: dict, base: str, tokenizer: str) -> str:
 
 
 def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config: TransplantConfig | None = None,
-                          overwrite: bool = False, old_tokenizer: str | None = None, dtype: str = "float32",
-                          progress: bool = True) -> dict:
-    """Load a checkpoint, transplant ``tokenizer_path`` into it and write a HF folder to ``out``.
+                          overwrite: bool = False, old_tokenizer: str | None = None, dtype: str | None = None,
+                          progress: bool = True, max_shard_bytes: int = 5 * 1000**3) -> dict:
+    """Transplant ``tokenizer_path`` into a checkpoint folder (or hub id), streaming, and write ``out``.
 
-    Everything is validated before the expensive work (output free, tokenizers load,
-    aux model and donor present); nothing is written unless the whole run succeeds.
+    Only the input embedding and the output head are read into memory (their names come from
+    the config: the model is built on the ``meta`` device); every other tensor is copied shard
+    by shard, bit for bit, in its own dtype (``dtype`` converts floating-point tensors when
+    given). Every tensor is checked for NaN/inf as it is read, the embedding and head before
+    any other work. Everything is validated before the expensive work (output free,
+    tokenizers load, shard headers and index consistent, aux model and donor present);
+    nothing is written unless the whole run succeeds.
+
+    Args:
+        max_shard_bytes: output shard size limit (default 5 GB).
 
     Returns:
         The report dict (also written as ``transplant_report.json``).
     """
-    from surgery.checkpoint import check_output_free, save_checkpoint
-    from surgery.loading import load_model, load_tokenizer
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    from surgery.checkpoint import CheckpointReader, atomic_output_dir, check_output_free, write_streamed_shards
+    from surgery.loading import checkpoint_folder, load_tokenizer, parse_dtype
+    from surgery.transplant.streaming import embedding_keys, model_skeleton
 
     cfg = config or TransplantConfig()
     t0 = time.time()
-    check_output_free(out, overwrite)
+    check_output_free(out, overwrite, inputs=(model_path, tokenizer_path, old_tokenizer))
+    convert = parse_dtype(dtype) if dtype else None
     new_tok = load_tokenizer(tokenizer_path)
-    old_tok = load_tokenizer(old_tokenizer or model_path)
     if cfg.method.startswith("tokenadapt"):
         from surgery.transplant.aux_embeddings import resolve_aux_model
 
@@ -340,7 +341,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
         if (src.startswith((".", "/", "~")) or cfg.aux_model == "minilm") and not Path(src).expanduser().exists():
             raise SurgeryError(f"aux model {cfg.aux_model!r} not found at {src!r}",
                                "run `surgery assets`, or pass --aux-model with a sentence-transformers folder")
-    donor = None
+    donor_in = None
     if cfg.method == "omp":
         donor_tok = None
         try:
@@ -354,25 +355,81 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
                 raise SurgeryError(f"donor {cfg.donor!r} has a different tokenizer ({len(donor_tok)} ids) than "
                                    f"{tokenizer_path!r} ({len(new_tok)} ids)",
                                    "the donor must be a model trained with the new tokenizer")
-    model = load_model(model_path, dtype=dtype)
+    folder = checkpoint_folder(model_path)
+    old_tok = load_tokenizer(old_tokenizer or folder)
+    reader = CheckpointReader(folder)
+    try:
+        mcfg = AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise SurgeryError(f"could not read the config of {str(model_path)!r}: {type(e).__name__}",
+                           "pass a Hugging Face causal-LM folder (config.json + safetensors)") from e
+    skeleton = model_skeleton(mcfg)
+    emb_key, head_key, kind, head_name = embedding_keys(skeleton, reader)
     if cfg.method == "omp":
-        donor_model = load_model(cfg.donor, dtype="float32")
-        donor = embedding_modules(donor_model)[0].weight.detach().clone()
-        del donor_model
+        dfolder = checkpoint_folder(cfg.donor)
+        dreader = CheckpointReader(dfolder)
+        dkey = embedding_keys(model_skeleton(AutoConfig.from_pretrained(str(dfolder))), dreader)[0]
+        donor_in = dreader.get(dkey).float()
+    store = reader.dtype(emb_key)
+    out_dtype = convert or store
+    # NaN/inf checked as read, before any other work; float32 work copies (exact), the stored ones dropped at once
+    in_f = reader.get(emb_key).float()
+    out_f = reader.get(head_key).float() if kind == "untied" else None
+    LOG.info("read %s%s (%s) from %s", emb_key, f" and {head_key}" if kind == "untied" else "", store, folder)
     t_load = time.time() - t0
-    model, rep = transplant(model, old_tok, new_tok, cfg, donor=donor, progress=progress)
-    data = rep.data
+    rows = compute_rows(in_f, out_f, kind, old_tok, new_tok, cfg, donor_in=donor_in,
+                        bias_fn=streamed_bias_fn(skeleton, reader, old_tok, cfg), progress=progress,
+                        out_dtype=out_dtype)
+    del in_f, out_f
+    data = rows.data
     data["base_model"] = str(model_path)
     data["new_tokenizer"] = str(tokenizer_path)
     data["timings_s"]["load"] = round(t_load, 2)
+
     t1 = time.time()
+    set_vocab_config(mcfg, rows.new_in.shape[0], kind != "none" and rows.new_out is None)
+    if convert is not None:
+        mcfg.dtype = convert
+    gen = (GenerationConfig.from_pretrained(str(folder)) if (folder / "generation_config.json").exists()
+           else GenerationConfig.from_model_config(mcfg))
+    data["config_ids"] = update_config_ids(SimpleNamespace(config=mcfg, generation_config=gen), old_tok,
+                                           rows.tokenizer, *rows.special)
+    new = {emb_key: rows.new_in}
+    if rows.new_out is not None:
+        new[head_key or head_name] = rows.new_out
+    entries = []
+    for k in reader.keys:
+        if k in new:
+            entries.append((k, out_dtype, list(new[k].shape)))
+        elif k != head_key:  # a stored head of a model that stays tied is dropped (transformers ties on load)
+            dt = reader.dtype(k)
+            entries.append((k, convert if convert is not None and dt.is_floating_point else dt, reader.shape(k)))
+    if head_key is None and head_name in new:  # a tied head untied on request: a new tensor
+        entries.append((head_name, out_dtype, list(rows.new_out.shape)))
+
+    def produce(k: str) -> torch.Tensor:
+        t = new[k] if k in new else reader.get(k)
+        return t.to(convert) if convert is not None and t.is_floating_point() else t
+
     from surgery.transplant.heal import ROWS_FILE, rows_file_content
 
-    extra = {"transplant_report.json": rep.to_json(), "README.md": model_card(data, model_path, tokenizer_path),
-             ROWS_FILE: rows_file_content(rep.copied_rows, data["new_vocab"]["rows_padded"])}
-    save_checkpoint(model, rep.tokenizer, out, overwrite=overwrite, extra_files=extra)
-    data["timings_s"]["save"] = round(time.time() - t1, 2)
-    data["timings_s"]["wall"] = round(time.time() - t0, 2)
-    # the final timings go into the written report too (cheap rewrite of one small file)
-    (Path(out) / "transplant_report.json").write_text(rep.to_json())
+    with atomic_output_dir(out, overwrite) as tmp:
+        index = write_streamed_shards(entries, produce, tmp, max_shard_bytes)
+        mcfg.save_pretrained(tmp)
+        try:
+            gen.save_pretrained(tmp)
+        except Exception as e:  # an invalid generation config must not block the weights
+            LOG.warning("generation config not saved: %s", e)
+        rows.tokenizer.save_pretrained(tmp)
+        data["stream"] = {"input_dtype": str(store).replace("torch.", ""),
+                          "output_dtype": str(out_dtype).replace("torch.", ""),
+                          "tensors": len(entries), "tensors_passed_through": len(entries) - len(new),
+                          "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"]}
+        data["timings_s"]["save"] = round(time.time() - t1, 2)
+        data["timings_s"]["wall"] = round(time.time() - t0, 2)
+        rep = TransplantReport(rows.tokenizer, data, rows.copied)
+        (tmp / "transplant_report.json").write_text(rep.to_json())
+        (tmp / "README.md").write_text(model_card(data, model_path, tokenizer_path))
+        (tmp / ROWS_FILE).write_text(rows_file_content(rows.copied, data["new_vocab"]["rows_padded"]))
+    LOG.info("wrote %s (%d shards) in %.1fs", out, data["stream"]["shards"], data["timings_s"]["wall"])
     return data

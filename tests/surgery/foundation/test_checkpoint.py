@@ -78,3 +78,82 @@ def test_bad_folders(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(SurgeryError, match="corrupt or truncated"):
         validate_model_folder(out)
+
+
+def test_check_finite_names_the_tensor():
+    from surgery.checkpoint import check_finite
+
+    check_finite("ok", torch.ones(3, dtype=torch.bfloat16))
+    check_finite("ints", torch.tensor([1, 2]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(SurgeryError, match="'layer.w' holds NaN or inf"):
+            check_finite("layer.w", torch.tensor([0.0, bad], dtype=torch.bfloat16))
+
+
+def test_streamed_shards_round_trip_and_size_limit(tmp_path):
+    """write_streamed_shards (one tensor at a time) reads back bit for bit through safetensors."""
+    from safetensors import safe_open
+
+    from surgery.checkpoint import CheckpointReader, write_streamed_shards
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(10, 7, generator=g).to(torch.bfloat16), "b": torch.randn(300, generator=g),
+               "c": torch.arange(12).reshape(3, 4), "d": torch.randn(50, 50, generator=g).half(),
+               "e": torch.zeros(0, 3)}
+    entries = [(k, v.dtype, list(v.shape)) for k, v in tensors.items()]
+    calls = []
+
+    def produce(k):
+        calls.append(k)
+        return tensors[k]
+
+    index = write_streamed_shards(entries, produce, tmp_path, max_shard_bytes=1500)
+    assert calls == list(tensors)  # each produced once, in order
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 3 and shards[0] == "model-00001-of-00003.safetensors"
+    for s in shards:
+        with safe_open(str(tmp_path / s), "pt") as f:
+            for k in f.keys():
+                assert f.get_tensor(k).dtype == tensors[k].dtype and torch.equal(f.get_tensor(k), tensors[k])
+    (tmp_path / "config.json").write_text("{}")
+    reader = CheckpointReader(tmp_path)
+    assert sorted(reader.keys) == sorted(tensors)
+    for k, v in tensors.items():
+        assert reader.dtype(k) == v.dtype and reader.shape(k) == list(v.shape) and torch.equal(reader.get(k), v)
+
+
+def test_load_model_refuses_nan_weights(tmp_path):
+    tok = byte_level_toy()
+    m = tiny_llama(len(tok))
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    from surgery.checkpoint import write_safetensors_shards
+
+    out = tmp_path / "bad"
+    out.mkdir()
+    write_safetensors_shards({k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}, out)
+    m.config.save_pretrained(out)
+    with pytest.raises(SurgeryError, match="model.layers.1.mlp.up_proj.weight' holds NaN or inf"):
+        load_model(out)
+
+
+def test_model_options_defaults_and_errors():
+    import argparse
+
+    from surgery.commands._model_options import add_model_options, model_options
+
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    dtype, device = model_options(p.parse_args([]))
+    if not torch.cuda.is_available():
+        assert dtype == torch.float32 and device.type == "cpu"
+    assert model_options(p.parse_args(["--dtype", "bf16", "--device", "cpu"]))[0] == torch.bfloat16
+    assert model_options(p.parse_args(["--dtype", "auto", "--device", "cpu"]))[0] == "auto"
+    with pytest.raises(SurgeryError, match="unknown --dtype 'int8'"):
+        model_options(p.parse_args(["--dtype", "int8"]))
+    with pytest.raises(SurgeryError, match="--device"):
+        model_options(p.parse_args(["--device", "tpu"]))
+    q = argparse.ArgumentParser()
+    q.add_argument("--device", default=None)
+    add_model_options(q)  # an existing --device is kept
+    assert model_options(q.parse_args(["--device", "cpu"]))[1].type == "cpu"

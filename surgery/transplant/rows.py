@@ -1,0 +1,135 @@
+"""Row arithmetic of a transplant: new matrices from combination weights, the logit-bias direction.
+
+:func:`build_matrix` writes the combinations ``coef @ old`` chunk by chunk straight into the
+result (work memory: the result plus one chunk), so a 262k-row head of an 8B model is built
+without float64 or float32 copies of the whole matrix. Copied rows stay bit-exact: the old
+rows arrive as exact float32 upcasts and are cast back to the stored dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from surgery.transplant.methods import SRC_RANDOM
+
+LOG = logging.getLogger(__name__)
+
+_EXACT_STATS_BYTES = 1 << 30  # row statistics in one piece below this (float64) size, in chunks above
+
+
+def row_stats(w: torch.Tensor, rows: np.ndarray, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (``(d,)`` float64) of rows ``rows`` of ``w``.
+
+    Small matrices in one piece (the exact float64 reduction); large ones in one pass over row
+    chunks with float64 sums of values and squares (work memory: two chunks).
+    """
+    if len(rows) * w.shape[1] * 8 <= _EXACT_STATS_BYTES:
+        x = w.detach()[torch.as_tensor(rows)].double()
+        return x.mean(0), x.std(0)
+    idx = torch.as_tensor(rows)
+    total = torch.zeros(w.shape[1], dtype=torch.float64)
+    sq = torch.zeros_like(total)
+    for a in range(0, len(rows), chunk):
+        x = w.detach().index_select(0, idx[a:a + chunk])
+        total += x.sum(0, dtype=torch.float64)
+        sq += (x * x).sum(0, dtype=torch.float64)
+    n = len(rows)
+    mean = total / n
+    return mean, ((sq - n * mean * mean) / max(n - 1, 1)).clamp_min(0).sqrt()
+
+
+def _combine(coef, src: np.ndarray) -> np.ndarray:
+    """``coef @ src`` as float32, touching only the rows of ``src`` that ``coef`` uses.
+
+    ``csr @ dense`` upcasts the whole dense operand to the common dtype (a float64 copy of a
+    128k × 4096 matrix per call); here only the used rows are copied, and each output row sums
+    the same products in the same order, so the result is bit-identical.
+    """
+    coef = sp.csr_matrix(coef)
+    cols, inv = np.unique(coef.indices, return_inverse=True)
+    dt = np.result_type(coef.dtype, src.dtype)
+    small = sp.csr_matrix((coef.data, inv.reshape(-1).astype(coef.indices.dtype), coef.indptr),
+                          shape=(coef.shape[0], len(cols)))
+    return np.asarray(small @ src[cols].astype(dt, copy=False)).astype(np.float32)
+
+
+def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.ndarray, targets: np.ndarray,
+                  copies: tuple, V_pad: int, base_rows: np.ndarray, gen: torch.Generator,
+                  chunk: int = 2048) -> torch.Tensor:
+    """New ``(V_pad, d)`` matrix: mean everywhere, copies bit for bit, combinations, random rows.
+
+    Args:
+        old: ``(V, d)`` float32 old rows (an exact upcast of the stored ones).
+        out_dtype: dtype of the result (the stored dtype: copies stay bit-exact).
+        coef: ``(T, V)`` CSR combination weights of the ``T`` targets.
+
+    The combinations ``coef @ old`` are computed ``chunk`` targets at a time and written
+    straight into the result, so the work memory is the result plus one chunk.
+    """
+    d = old.shape[1]
+    mean, std = row_stats(old, base_rows)
+    new = mean.to(out_dtype).expand(V_pad, d).clone()
+    src = old.detach().float().cpu().numpy()
+    rnd = plan_src == SRC_RANDOM
+    rnd_rows = rnd_pos = None
+    if rnd.any():
+        rnd_rows = (torch.randn(int(rnd.sum()), d, generator=gen, dtype=torch.float64) * std + mean).float()
+        rnd_pos = np.cumsum(rnd) - 1
+    for s in range(0, coef.shape[0], chunk):
+        comb = torch.from_numpy(np.ascontiguousarray(_combine(coef[s:s + chunk], src)))
+        if rnd_rows is not None:
+            r = np.flatnonzero(rnd[s:s + chunk])
+            if len(r):
+                comb[torch.as_tensor(r)] = rnd_rows[torch.as_tensor(rnd_pos[s + r])]
+        new[torch.as_tensor(targets[s:s + chunk])] = comb.to(out_dtype)
+    for new_ids, old_ids in copies:  # last: copies are never overwritten and stay bit-exact
+        if len(new_ids):
+            new[torch.as_tensor(new_ids)] = old.detach()[torch.as_tensor(old_ids)].to(out_dtype)
+    return new
+
+
+def fit_bias_direction(model, old_tok, cfg, max_positions: int | None = None) -> tuple[torch.Tensor, dict] | None:
+    """Fit the logit-bias direction of the (still unmodified) model on calibration text.
+
+    ``max_positions`` caps the positions of a costly (streamed) forward; such a forward has
+    no text-free fallback (sampling would stream every layer once per token): ``None`` then.
+    """
+    from surgery.transplant.calibration import bias_direction, default_calibration_texts, head_inputs
+
+    if cfg.calibration_texts:
+        from surgery.textio import read_texts
+
+        texts = [t[:4000] for t in read_texts(cfg.calibration_texts)]
+    else:
+        texts = default_calibration_texts()
+    max_tokens = 384
+    if max_positions is not None:
+        if not texts:
+            LOG.warning("no calibration texts for a streamed model: logit offsets skipped (pass --calibration-text)")
+            return None
+        max_tokens = max(16, min(384, max_positions // len(texts)))
+        if max_tokens < 384:
+            LOG.info("large model: calibration capped at %d tokens per text (%d texts)", max_tokens, len(texts))
+    H = head_inputs(model, old_tok, texts, max_tokens=max_tokens)
+    delta, fit = bias_direction(H)
+    fit["source"] = "texts" if texts else "sampled"
+    if max_tokens < 384:
+        fit["max_tokens_per_text"] = max_tokens
+    LOG.info("bias direction fitted on %d positions: %s", H.shape[0], fit)
+    return delta, fit
+
+
+def streamed_bias_fn(skeleton, reader, old_tok, cfg):
+    """``bias_fn`` for :func:`compute_rows` that runs the checkpoint one decoder layer at a time."""
+    from surgery.transplant.streaming import LayerStreamer
+
+    def fn(in_rows: torch.Tensor):
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        with LayerStreamer(skeleton, reader, in_rows, device=device) as ls:
+            return fit_bias_direction(ls.model, old_tok, cfg, max_positions=ls.max_positions())
+
+    return fn

@@ -1,0 +1,197 @@
+"""Checkpoints too large to load: tensor names from the config alone, forwards one layer at a time.
+
+A transplant only changes the input embedding and the output head. :func:`model_skeleton`
+builds the architecture with every parameter on the ``meta`` device (no memory, no
+initialization), :func:`embedding_keys` maps its embedding and head modules to the
+checkpoint's tensor names (checkpoint prefixes such as ``model.`` or ``language_model.``
+are matched by the longest unique name suffix), and :class:`LayerStreamer` runs the
+unmodified model forward with only one decoder layer's weights in memory at a time (for
+the logit-bias calibration of ``tokenadapt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from surgery.checkpoint import CheckpointReader
+from surgery.errors import SurgeryError
+from surgery.transplant.surgery_ops import embedding_modules
+
+LOG = logging.getLogger(__name__)
+
+# forward FLOPs budget of the streamed calibration (2 · params · positions); smaller models use all text
+CALIBRATION_FLOPS = 1e12
+
+
+def model_skeleton(config):
+    """The causal LM of ``config`` with parameters on ``meta`` (buffers real, e.g. rotary tables).
+
+    Raises:
+        SurgeryError: transformers cannot build a causal LM from this config.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise SurgeryError(f"cannot build a causal LM from this config: {type(e).__name__}: {first}",
+                           "pass a Hugging Face causal-LM checkpoint") from e
+    model.tie_weights()  # outside the context (it re-creates parameters): the skeleton shows the tie too
+    return model.eval()
+
+
+def match_keys(names: list[str], keys: list[str]) -> dict[str, str]:
+    """Map module parameter names to checkpoint tensor names.
+
+    A name found as is wins; otherwise the longest dotted suffix of the name that ends
+    exactly one checkpoint key (``model.language_model.embed_tokens.weight`` ↔
+    ``language_model.model.embed_tokens.weight`` through ``embed_tokens.weight``).
+
+    Returns:
+        ``{name: key}`` for every name that could be matched.
+    """
+    by_suffix: dict[str, list[str]] = {}
+    for k in keys:
+        parts = k.split(".")
+        for i in range(len(parts)):
+            by_suffix.setdefault(".".join(parts[i:]), []).append(k)
+    out = {}
+    for n in names:
+        parts = n.split(".")
+        for i in range(len(parts)):
+            hits = by_suffix.get(".".join(parts[i:]), [])
+            if n in hits:
+                out[n] = n
+                break
+            if len(hits) == 1:
+                out[n] = hits[0]
+                break
+            if len(hits) > 1:
+                break
+    return out
+
+
+def _module_name(model, module) -> str:
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    raise SurgeryError("embedding module not found in the model", "this is a bug; please report it")
+
+
+def embedding_keys(skeleton, reader: CheckpointReader) -> tuple[str, str | None, str, str]:
+    """Checkpoint names of the input embedding and the output head.
+
+    Returns:
+        ``(embed_key, head_key, head_kind, head_name)``: ``head_key`` is the stored head tensor
+        (``None`` when the checkpoint stores none), ``head_kind`` is ``tied``, ``untied`` or
+        ``none``, ``head_name`` the name transformers loads an untied head from.
+
+    Raises:
+        SurgeryError: the embedding is not in the checkpoint, or an untied head is missing.
+    """
+    emb, head, tied = embedding_modules(skeleton)
+    emb_name = _module_name(skeleton, emb) + ".weight"
+    head_name = _module_name(skeleton, head) + ".weight" if head is not None else ""
+    found = match_keys([emb_name] + ([head_name] if head_name else []), reader.keys)
+    if emb_name not in found:
+        raise SurgeryError(f"checkpoint {str(reader.folder)!r} holds no input embedding (looked for {emb_name!r})",
+                           "pass a Hugging Face causal-LM checkpoint whose config matches its weights")
+    head_key = found.get(head_name) if head is not None else None
+    kind = "none" if head is None else ("tied" if tied else "untied")
+    if kind == "untied" and head_key is None:
+        raise SurgeryError(f"checkpoint {str(reader.folder)!r} has an untied head but no tensor {head_name!r}",
+                           "re-download or re-create the checkpoint")
+    if head_key == found[emb_name]:
+        head_key = None
+    return found[emb_name], head_key, kind, head_name
+
+
+def _layer_lists(model) -> list[nn.ModuleList]:
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(
+        getattr(model.config, "text_config", None), "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    return lists[:1]
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    path, _, leaf = name.rpartition(".")
+    sub = module.get_submodule(path) if path else module
+    sub._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+class LayerStreamer(contextlib.AbstractContextManager):
+    """Make a :func:`model_skeleton` runnable, one decoder layer in memory at a time.
+
+    Parameters outside the decoder layers (final norm, ...) are loaded once; the input
+    embedding is given (``in_rows``, already read); the head stays on ``meta`` (callers
+    stop the forward at the head's input). Each decoder layer loads its weights from the
+    checkpoint in a forward pre-hook and drops them in a forward hook.
+    """
+
+    def __init__(self, skeleton, reader: CheckpointReader, in_rows: torch.Tensor, device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.model, self.reader, self.device, self.dtype = skeleton, reader, torch.device(device), dtype
+        emb, head, _ = embedding_modules(skeleton)
+        names = [n for n, _ in skeleton.named_parameters()]
+        self.keys = match_keys(names, reader.keys)
+        self.hooks = []
+        layers = _layer_lists(skeleton)
+        in_layer = {f"{_module_name(skeleton, lst)}." for lst in layers}
+        emb_name = _module_name(skeleton, emb) + ".weight"
+        head_name = _module_name(skeleton, head) + ".weight" if head is not None else None
+        self.resident = [n for n in names if n != head_name and not any(n.startswith(p) for p in in_layer)]
+        for n in names:
+            if n == emb_name:
+                _set_param(skeleton, n, in_rows.to(self.device, dtype))
+            elif n != head_name and not any(n.startswith(p) for p in in_layer):
+                _set_param(skeleton, n, self._load(n))
+        for m in skeleton.modules():
+            for b, v in list(m._buffers.items()):
+                if v is not None:
+                    m._buffers[b] = v.to(self.device)
+        for lst in layers:
+            prefix = _module_name(skeleton, lst)
+            for i, layer in enumerate(lst):
+                self.hooks.append(layer.register_forward_pre_hook(self._loader(f"{prefix}.{i}.")))
+                self.hooks.append(layer.register_forward_hook(self._dropper()))
+        self.layer_params = sum(p.numel() for lst in layers for p in lst.parameters())
+
+    def _load(self, name: str) -> torch.Tensor:
+        key = self.keys.get(name)
+        if key is None:
+            raise SurgeryError(f"checkpoint {str(self.reader.folder)!r} has no tensor for parameter {name!r}",
+                               "pass a checkpoint whose config matches its weights")
+        return self.reader.get(key).to(self.device, self.dtype)
+
+    def _loader(self, prefix: str):
+        def hook(module, args):
+            for n, _ in list(module.named_parameters()):
+                _set_param(module, n, self._load(prefix + n))
+        return hook
+
+    @staticmethod
+    def _dropper():
+        def hook(module, args, output):
+            for n, p in list(module.named_parameters()):
+                _set_param(module, n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        return hook
+
+    def max_positions(self) -> int:
+        """Calibration positions within :data:`CALIBRATION_FLOPS` of forward work."""
+        return int(CALIBRATION_FLOPS / max(2 * self.layer_params, 1))
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        for n in self.resident:  # back to meta: the skeleton keeps no reference to the embedding rows
+            p = self.model.get_parameter(n)
+            _set_param(self.model, n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        return None
