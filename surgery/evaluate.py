@@ -21,7 +21,36 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from surgery.errors import ConfigError, SurgeryError
+
 LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Numeric options of :func:`bits_per_byte` (checked before any model is loaded)."""
+
+    max_length: int = 1024
+    stride: int | None = None
+    batch_size: int = 4
+
+    def validate(self) -> list[str]:
+        """Every problem with the options (empty when they are valid)."""
+        problems = []
+        if self.max_length < 2:
+            problems.append(f"--max-length must be >= 2 tokens (one of context, one scored), got {self.max_length}")
+        if self.stride is not None and not 1 <= self.stride <= max(self.max_length, 1):
+            problems.append(f"--stride must be in [1, --max-length={self.max_length}], got {self.stride}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        return problems
+
+    def check(self) -> "EvalOptions":
+        """Raise :class:`ConfigError` listing every problem; return ``self`` when valid."""
+        problems = self.validate()
+        if problems:
+            raise ConfigError(problems, "pass a window of at least 2 tokens and a stride no larger than it")
+        return self
 
 
 @dataclass(frozen=True)
@@ -111,6 +140,7 @@ def bits_per_byte(model, tokenizer, text: str, max_length: int = 1024, stride: i
     """Bits per UTF-8 byte of ``text`` under a causal LM (see module docstring)."""
     if not text:
         raise ValueError("empty text")
+    EvalOptions(max_length, stride, batch_size).check()
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos:
         max_length = min(max_length, int(max_pos))
@@ -123,6 +153,14 @@ def bits_per_byte(model, tokenizer, text: str, max_length: int = 1024, stride: i
     first_scored_free = start is None  # without a start token the first text token cannot be scored
     nll, n_win = token_nll(model, ids, max_length, stride, batch_size, progress)
     total = float(nll.sum())
+    if not math.isfinite(total):
+        bad = int((~torch.isfinite(nll)).sum())
+        first = int(torch.nonzero(~torch.isfinite(nll))[0, 0]) + 1 if bad else -1
+        raise SurgeryError(
+            f"the model gives non-finite log-probabilities (NaN or inf) for {bad} of {len(nll)} tokens "
+            f"(first at token {first}); no bits/byte figure is reported",
+            "check the checkpoint for NaN/inf weights, or evaluate in float32",
+        )
     if first_scored_free:
         LOG.warning("tokenizer has neither BOS nor EOS: the first token is not scored")
     n_bytes = len(text.encode("utf-8"))

@@ -42,11 +42,12 @@ import json
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEBIAN_DIR = Path("/usr/share/debian-reference")
-STDLIB_DIR = Path("/root/.pyenv/versions/3.11.7/lib/python3.11")
+STDLIB_DIR = Path(sysconfig.get_paths()["stdlib"])  # the texts were made from CPython 3.11.7
 COPYRIGHT_FILE = Path("/usr/share/doc/debian-reference-common/copyright")
 
 # File-name code -> Debian's language code.
@@ -232,7 +233,7 @@ script `make_texts.py` (standard library only) rewrites every file here byte for
 
 ## Python code (`code.{{heldout,train}}.txt`)
 
-- Source: the standard library of CPython {py} on this machine (`{STDLIB_DIR}`).
+- Source: the standard library of CPython {py} (`Lib/` of the release).
 - Licence: PSF-2.0 (Python Software Foundation License Version 2; "Copyright (c) 2001-2023 Python
   Software Foundation; All Rights Reserved").
 - Held-out: {", ".join(CODE_HELDOUT)}. Train: {", ".join(CODE_TRAIN)}. Whole files, unmodified,

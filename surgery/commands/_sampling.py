@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def add_sampling_arguments(p) -> None:
     """``--prompt --max-bytes --temperature --top-p --seed --device --trust-remote-code``."""
@@ -19,10 +21,28 @@ def sampling_problems(args) -> list[str]:
     problems = []
     if args.max_bytes < 1:
         problems.append(f"--max-bytes must be >= 1, got {args.max_bytes}")
-    if args.temperature < 0:
-        problems.append(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        problems.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # also false for NaN
         problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        problems.append(f"--seed must be in [0, 2**63), got {args.seed}")
     if not args.prompt:
         problems.append("--prompt is empty")
     return problems
+
+
+def check_tokenizer_fits(model, tokenizer, name: str) -> None:
+    """Refuse a tokenizer with more ids than the model has embedding rows (it would index past them).
+
+    Raises:
+        SurgeryError: naming both sizes.
+    """
+    from surgery.errors import SurgeryError
+
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):
+        raise SurgeryError(
+            f"tokenizer of {name} has {len(tokenizer)} tokens but the model's embedding has only {rows} rows",
+            "use the tokenizer that belongs to this checkpoint (or transplant it with `surgery transplant`)",
+        )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
 
-from surgery.commands._sampling import add_sampling_arguments, sampling_problems
+from surgery.commands._model_options import add_model_options, model_options
+from surgery.commands._sampling import add_sampling_arguments, check_tokenizer_fits, sampling_problems
 
 NAME = "ensemble"
 HELP = "generate from an ensemble of models with different vocabularies (byte level; --token-level approximate)"
@@ -28,6 +30,7 @@ def add_arguments(p):
     p.add_argument("--byte-mode", choices=["canonical", "exact"], default="canonical",
                    help="byte-level conversion of each member (default canonical)")
     add_sampling_arguments(p)
+    add_model_options(p)
 
 
 def validate(args) -> None:
@@ -37,20 +40,22 @@ def validate(args) -> None:
     if args.weight is not None:
         if len(args.weight) != len(args.model):
             problems.append(f"{len(args.weight)} --weight values for {len(args.model)} --model values")
-        if any(w < 0 for w in args.weight) or sum(args.weight) <= 0:
-            problems.append(f"weights must be non-negative and not all zero, got {args.weight}")
+        if not all(math.isfinite(w) and w > 0 for w in args.weight):
+            problems.append(f"every --weight must be a finite number > 0, got {args.weight}")
     problems += sampling_problems(args)
     if problems:
         raise ConfigError(problems, "give one --weight per --model (or none), and valid sampling options")
 
 
 def run(args) -> int:
-    from surgery.loading import default_device, load_model, load_tokenizer
+    from surgery.loading import load_model, load_tokenizer
 
     validate(args)
-    device = args.device or default_device()
+    dtype, device = model_options(args)
     toks = [load_tokenizer(m, trust_remote_code=args.trust_remote_code) for m in args.model]
-    models = [load_model(m, device=device, trust_remote_code=args.trust_remote_code) for m in args.model]
+    models = [load_model(m, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code) for m in args.model]
+    for name, m, t in zip(args.model, models, toks):
+        check_tokenizer_fits(m, t, name)
     t0 = time.time()
     prompt = args.prompt.encode("utf-8")
     if args.token_level:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+from surgery.commands._model_options import add_model_options, model_options
+
 NAME = "eval"
 HELP = "bits per byte of a model on text files (tokenizer-neutral)"
 DESCRIPTION = (
@@ -21,22 +23,23 @@ def add_arguments(p):
     p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default max-length/2)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_model_options(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     p.add_argument("--json", action="store_true", help="print one JSON object per text file")
 
 
 def run(args) -> int:
-    from surgery.evaluate import bits_per_byte
-    from surgery.loading import default_device, load_model, load_tokenizer
+    from surgery.errors import SurgeryError
+    from surgery.evaluate import EvalOptions, bits_per_byte
+    from surgery.loading import load_model, load_tokenizer
     from surgery.textio import read_text
 
+    EvalOptions(args.max_length, args.stride, args.batch_size).check()  # numeric options before any loading
     texts = [(t, read_text(t)) for t in args.text]  # validate all inputs before loading a model
     tok = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    device = args.device or default_device()
-    model = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
+    dtype, device = model_options(args)
+    model = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     if model.get_input_embeddings().num_embeddings < len(tok):
-        from surgery.errors import SurgeryError
-
         raise SurgeryError(
             f"tokenizer has {len(tok)} tokens but the model's embedding has only "
             f"{model.get_input_embeddings().num_embeddings} rows",
@@ -45,7 +48,10 @@ def run(args) -> int:
     rows = []
     for path, text in texts:
         t0 = time.time()
-        r = bits_per_byte(model, tok, text, args.max_length, args.stride, args.batch_size, progress=not args.json)
+        try:
+            r = bits_per_byte(model, tok, text, args.max_length, args.stride, args.batch_size, progress=not args.json)
+        except SurgeryError as e:
+            raise SurgeryError(f"{path}: {e.message}", e.hint) from e
         d = {"model": args.model, "text": path, **r.as_dict(), "seconds": round(time.time() - t0, 2)}
         rows.append(d)
         if args.json:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from surgery.commands._sampling import add_sampling_arguments, sampling_problems
+from surgery.commands._model_options import add_model_options, model_options
+from surgery.commands._sampling import add_sampling_arguments, check_tokenizer_fits, sampling_problems
 
 NAME = "generate"
 HELP = "generate text from a model; --bytes samples byte by byte (prompts may end inside a token)"
@@ -22,6 +23,7 @@ def add_arguments(p):
                    help="with --bytes: encodings the tokenizer can produce (default) or all of them (exact)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own)")
     add_sampling_arguments(p)
+    add_model_options(p)
 
 
 def validate(args) -> None:
@@ -34,11 +36,13 @@ def validate(args) -> None:
 
 
 def run(args) -> int:
-    from surgery.loading import default_device, load_model, load_tokenizer
+    from surgery.loading import load_model, load_tokenizer
 
     validate(args)
+    dtype, device = model_options(args)
     tok = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, device=args.device or default_device(), trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
+    check_tokenizer_fits(model, tok, args.model)
     t0 = time.time()
     if args.bytes:
         from surgery.bytelevel import ByteLM

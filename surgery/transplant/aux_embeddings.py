@@ -11,15 +11,20 @@ the slow part of a transplant on a CPU, so:
 - ``max_seq_length`` is short (token strings are a few word pieces; default 16) and
   sentence-transformers sorts by length, so batches carry little padding;
 - results are cached per aux model and tokenizer under ``artifacts/cache/aux/``:
-  ``<aux key>-L<max_seq_length>/<hash of the token strings>.npz`` with ``emb`` ``(V, D)`` float16 and
-  ``done`` ``(V,)`` bool; missing rows are filled in and the file is replaced atomically.
+  ``<aux key>-L<max_seq_length>/<hash of the token strings>.npz`` with ``emb`` ``(V, D)`` float16,
+  ``done`` ``(V,)`` bool and ``meta``, a JSON record of what the file was built from (aux model key, a
+  hash of its weights, the full hash of the token strings, ``max_seq_length``, dtype, vocabulary size);
+  missing rows are filled in and the file is replaced atomically. A file whose record does not match,
+  or that is truncated or holds non-finite rows, is rebuilt with a log line, never used.
 
 Vectors are always rounded through float16, so cold and warm runs give identical results.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -81,8 +86,18 @@ def resolve_aux_model(name_or_path: str) -> str:
     return src
 
 
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's content (memoized per path, size and modification time)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def aux_key(name_or_path: str) -> str:
-    """Cache key of an aux model: its name plus a hash of its configuration and weight sizes."""
+    """Cache key of an aux model: its name plus a hash of its configuration files and weights' content."""
     src = resolve_aux_model(name_or_path)
     p = Path(src).expanduser()
     h = hashlib.sha256()
@@ -91,7 +106,8 @@ def aux_key(name_or_path: str) -> str:
             if (p / f).exists():
                 h.update(f.encode() + (p / f).read_bytes())
         for f in sorted(p.rglob("*.safetensors")) + sorted(p.rglob("*.bin")):
-            h.update(f"{f.relative_to(p)}:{f.stat().st_size}".encode())
+            st = f.stat()
+            h.update(f"{f.relative_to(p)}:{_file_sha256(str(f), st.st_size, st.st_mtime_ns)}".encode())
         base = p.name if p.name != "model" else p.parent.name
     else:
         h.update(src.encode())
@@ -221,8 +237,43 @@ def surfaces_hash(vocab: Vocabulary) -> str:
     return d
 
 
-def _cache_path(cache_dir: str | Path, aux: AuxEmbedder, vocab: Vocabulary) -> Path:
+def cache_path(cache_dir: str | Path, aux: AuxEmbedder, vocab: Vocabulary) -> Path:
+    """The cache file of ``vocab`` under ``aux`` (one per aux model, sequence length and token strings)."""
     return Path(cache_dir) / aux.key / f"{surfaces_hash(vocab)[:24]}.npz"
+
+
+CACHE_FORMAT = "tokensurgery-aux-embeddings/1"
+
+
+def cache_record(aux: AuxEmbedder, vocab: Vocabulary) -> dict:
+    """What a cache file is built from; a file whose record differs is rebuilt."""
+    return {"format": CACHE_FORMAT, "aux_key": aux.key, "surfaces_sha256": surfaces_hash(vocab),
+            "vocab_size": len(vocab), "max_seq_length": aux.max_seq_length, "dtype": aux.dtype}
+
+
+def read_cache(path: Path, record: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(emb, done)`` of a cache file that matches ``record``; ``None`` (with a log line) otherwise."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            emb, done = z["emb"], z["done"]
+            saved = json.loads(str(z["meta"])) if "meta" in z.files else None
+    except Exception as e:  # truncated or corrupt: rebuilt, never trusted
+        LOG.warning("aux cache %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
+        return None
+    if saved != record:
+        diff = sorted(k for k in record if not isinstance(saved, dict) or saved.get(k) != record[k])
+        LOG.warning("aux cache %s was built from something else (differs in: %s); rebuilding it", path,
+                    ", ".join(diff) or "record")
+        return None
+    if emb.ndim != 2 or emb.shape[0] != len(done) or done.shape != (record["vocab_size"],) or done.dtype != bool:
+        LOG.warning("aux cache %s holds arrays of the wrong shape; rebuilding it", path)
+        return None
+    if not np.isfinite(emb[done]).all():
+        LOG.warning("aux cache %s holds non-finite vectors; rebuilding it", path)
+        return None
+    return emb, done
 
 
 def vocab_embeddings(aux: AuxEmbedder, vocab: Vocabulary, ids, cache_dir: str | Path | None = None,
@@ -242,17 +293,10 @@ def vocab_embeddings(aux: AuxEmbedder, vocab: Vocabulary, ids, cache_dir: str | 
     cache_dir = resolve_cache_dir(cache_dir)
     if cache_dir is None:
         return aux.embed(token_texts(vocab, ids), progress), {"cached": 0, "computed": len(ids)}
-    path = _cache_path(cache_dir, aux, vocab)
-    emb = done = None
-    if path.exists():
-        try:
-            with np.load(path) as z:
-                emb, done = z["emb"], z["done"]
-            if emb.shape[0] != len(vocab) or done.shape != (len(vocab),):
-                emb = done = None
-        except Exception as e:  # a corrupt cache is rebuilt, never trusted
-            LOG.warning("aux cache %s unreadable (%s); rebuilding", path, e)
-            emb = done = None
+    path = cache_path(cache_dir, aux, vocab)
+    record = cache_record(aux, vocab)
+    cached = read_cache(path, record)
+    emb, done = cached if cached is not None else (None, None)
     missing = ids[~done[ids]] if done is not None else np.unique(ids)
     missing = np.unique(missing)
     stats = {"cached": int(len(ids) - np.isin(ids, missing).sum()), "computed": int(len(missing)), "path": str(path)}
@@ -267,8 +311,10 @@ def vocab_embeddings(aux: AuxEmbedder, vocab: Vocabulary, ids, cache_dir: str | 
         fd, tmp = tempfile.mkstemp(prefix=".aux-", suffix=".npz", dir=path.parent)
         os.close(fd)
         try:
-            np.savez(tmp, emb=emb, done=done)
-            os.chmod(tmp, 0o644)
+            np.savez(tmp, emb=emb, done=done, meta=np.array(json.dumps(record, sort_keys=True)))
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

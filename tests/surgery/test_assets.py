@@ -104,8 +104,8 @@ def test_sources_md_names_every_file_and_licence():
 
 
 @pytest.mark.skipif(not Path("/usr/share/debian-reference/debian-reference.en.txt.gz").exists()
-                    or not Path("/root/.pyenv/versions/3.11.7/lib/python3.11/shlex.py").exists(),
-                    reason="sources of make_texts.py are not installed here")
+                    or sys.version_info[:3] != (3, 11, 7),
+                    reason="sources of make_texts.py (debian-reference, CPython 3.11.7's stdlib) are not here")
 def test_make_texts_reproduces_the_shipped_files():
     result = subprocess.run([sys.executable, str(TEXTS / "make_texts.py"), "--check"],
                             capture_output=True, text=True, timeout=120)
@@ -204,7 +204,7 @@ def test_build_is_idempotent_and_atomic(tmp_path, monkeypatch):
 
 
 def _built(name: str) -> Path:
-    path = assets.DEFAULT_CACHE / name
+    path = assets.cache_dir() / name
     if not (path / assets.MARKER).is_file():
         pytest.skip(f"{name} is not built; run `surgery assets`")
     return path

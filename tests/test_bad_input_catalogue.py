@@ -1,0 +1,417 @@
+"""The bad-input catalogue: every command, every kind of bad input, one table.
+
+Each row runs one ``surgery`` command on tiny models (hidden 32, 2 layers) that carry real shipped
+tokenizers, against one broken input, and checks what a user sees: exit status 2, exactly one line on
+stderr (``error: ... (hint: ...)``), no traceback, nothing written anywhere in the work folder, and
+every input byte for byte as it was. Most rows run in-process (``surgery.cli.main``); a few run the
+real ``surgery`` process so that library warnings printed at import or load time are caught too.
+
+Stale or broken *caches* (aux embeddings, teacher top-k) are not the user's input: they are rebuilt
+with a log line, which their own tests check (tests/surgery/transplant/test_aux_cache.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from helpers import asset_dir, tiny_llama
+
+TEXT = "The cat sat on the mat. Der Rechner startet neu. 猫が座った。 1234 + 5678 = 6912!\n" * 8
+
+
+# --------------------------------------------------------------------------- the world
+def _save_tiny(tok_dir: Path, out: Path, seed: int) -> Path:
+    from transformers import AutoTokenizer
+
+    from surgery.checkpoint import save_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = tiny_llama(len(tok), seed=seed)
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    return save_checkpoint(model, tok, out)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Inputs shared by every row (never modified by a row: checked by hash)."""
+    root = tmp_path_factory.mktemp("world")
+    a = _save_tiny(asset_dir("smollm2-135m"), root / "model-a", seed=1)  # byte-level BPE, 49,152 tokens
+    b = _save_tiny(asset_dir("mistral-v1-tokenizer"), root / "model-b", seed=2)  # SentencePiece, 32,000 tokens
+    (root / "text.txt").write_text(TEXT, encoding="utf-8")
+    (root / "empty.txt").write_text("  \n", encoding="utf-8")
+    (root / "latin1.txt").write_bytes("café crème brûlée, à la carte\n".encode("latin-1"))
+    from surgery.cli import main
+
+    aligned = tmp_path_factory.mktemp("alignments")
+    assert main(["align", str(a), str(b), "--out", str(aligned / "ab.safetensors"), "--json", "--top-k", "4"]) == 0
+    assert main(["align", str(b), str(a), "--out", str(aligned / "ba.safetensors"), "--json", "--top-k", "4"]) == 0
+    return {"root": root, "a": a, "b": b, "text": root / "text.txt", "empty": root / "empty.txt",
+            "latin1": root / "latin1.txt", "alignment_ab": aligned / "ab.safetensors",
+            "alignment_ba": aligned / "ba.safetensors", "tok_a": asset_dir("smollm2-135m"),
+            "tok_b": asset_dir("mistral-v1-tokenizer")}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _shard(folder: Path) -> Path:
+    return next(folder.glob("*.safetensors"))
+
+
+def truncated_model(w, d):
+    m = _copy(w["a"], d / "truncated")
+    s = _shard(m)
+    s.write_bytes(s.read_bytes()[: s.stat().st_size // 2])
+    return m
+
+
+def corrupt_weights(w, d):
+    m = _copy(w["a"], d / "corrupt")
+    _shard(m).write_bytes(b"\xff" * 64)
+    return m
+
+
+def nan_model(w, d):
+    """Model A with one NaN in its embedding (a valid safetensors file)."""
+    from safetensors.torch import load_file, save_file
+
+    m = _copy(w["a"], d / "nan")
+    s = _shard(m)
+    t = load_file(str(s))
+    k = next(k for k in t if "embed_tokens" in k)
+    t[k][5, 3] = float("nan")
+    save_file(t, str(s), metadata={"format": "pt"})
+    return m
+
+
+def no_config(w, d):
+    m = _copy(w["a"], d / "noconfig")
+    (m / "config.json").unlink()
+    return m
+
+
+def corrupt_config(w, d):
+    m = _copy(w["a"], d / "badconfig")
+    (m / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    return m
+
+
+def corrupt_tokenizer(w, d):
+    t = d / "badtok"
+    t.mkdir()
+    (t / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {')
+    (t / "tokenizer_config.json").write_text("{}")
+    return t
+
+
+def truncated_tokenizer(w, d):
+    t = _copy(w["tok_a"], d / "truncatedtok")
+    p = t / "tokenizer.json"
+    p.write_bytes(p.read_bytes()[:5000])
+    return t
+
+
+def model_with_corrupt_tokenizer(w, d):
+    m = _copy(w["a"], d / "badtokmodel")
+    (m / "tokenizer.json").write_text("{not json")
+    return m
+
+
+def text_dir(w, d):
+    p = d / "adir.txt"
+    p.mkdir()
+    return p
+
+
+def unreadable_text(w, d):
+    """A text file without read permission (as root, permissions do not apply: a folder stands in)."""
+    p = d / "secret.txt"
+    p.write_text(TEXT)
+    p.chmod(0)
+    if os.access(p, os.R_OK):
+        p.chmod(0o644)
+        p.unlink()
+        p.mkdir()
+    return p
+
+
+def yaml_file(content: str):
+    def make(w, d):
+        p = d / "recipe.yaml"
+        p.write_text(content)
+        return p
+    return make
+
+
+def distill_yaml(w, d, extra: str = "", steps: int = 1) -> str:
+    return (f"output_dir: {d / 'run'}\nstudent:\n  model: {w['a']}\nteachers:\n  - model: {w['b']}\n{extra}"
+            f"data:\n  train: {w['text']}\n  heldout: {w['text']}\n  block_chars: 120\n  max_tokens: 32\n"
+            f"train:\n  steps: {steps}\n  batch_size: 1\n  micro_batch_size: 1\n  eval_max_bytes: 200\n"
+            f"  eval_max_length: 64\n  checkpoint_every: 100\n  threads: 1\n")
+
+
+def alignment(kind: str):
+    """A saved alignment A→B (built once per module) that is truncated, corrupt, or built for other tokenizers."""
+    def make(w, d):
+        p = d / "w.safetensors"
+        shutil.copy(w["alignment_ba" if kind == "mismatch" else "alignment_ab"], p)
+        if kind == "truncated":
+            p.write_bytes(p.read_bytes()[: p.stat().st_size - 100])
+        elif kind == "corrupt":
+            data = bytearray(p.read_bytes())
+            data[-50:] = b"\x00" * 50
+            p.write_bytes(bytes(data))
+        recipe = d / "recipe.yaml"
+        recipe.write_text(distill_yaml(w, d).replace(f"  - model: {w['b']}\n",
+                                                      f"  - model: {w['b']}\n    alignment: {p}\n"))
+        return recipe
+    return make
+
+
+def existing_dir(w, d):
+    p = d / "taken"
+    p.mkdir()
+    (p / "keep.txt").write_text("do not lose me")
+    return p
+
+
+def existing_file(w, d):
+    p = d / "taken.safetensors"
+    p.write_bytes(b"do not lose me")
+    return p
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass
+class Case:
+    id: str
+    argv: Callable  # (world, case_dir, made) -> list[str]
+    make: Callable | None = None  # (world, case_dir) -> Path: the broken input, built before the snapshot
+    match: str = ""  # regular expression the error line must contain (case-insensitive)
+    subprocess: bool = False
+    owner_note: str = field(default="")
+
+
+def W(key):
+    return lambda w, d, m: str(w[key])
+
+
+def c(id, argv, make=None, match="", **kw):
+    return Case(id, argv, make, match=match, **kw)
+
+
+A, B, TXT = "a", "b", "text"
+CASES = [
+    # ---------------------------------------------------------------- eval
+    c("eval-missing-model", lambda w, d, m: ["eval", str(d / "nope"), "--text", str(w[TXT])], match="does not exist"),
+    c("eval-no-config", lambda w, d, m: ["eval", str(m), "--text", str(w[TXT])], no_config, "config.json"),
+    c("eval-corrupt-config", lambda w, d, m: ["eval", str(m), "--text", str(w[TXT])], corrupt_config, "config"),
+    c("eval-truncated-weights", lambda w, d, m: ["eval", str(m), "--text", str(w[TXT])], truncated_model, "truncated"),
+    c("eval-corrupt-weights", lambda w, d, m: ["eval", str(m), "--text", str(w[TXT])], corrupt_weights, "corrupt"),
+    c("eval-nan-weights", lambda w, d, m: ["eval", str(m), "--text", str(w[TXT])], nan_model, "nan"),
+    c("eval-corrupt-tokenizer-json", lambda w, d, m: ["eval", str(m), "--text", str(w[TXT])],
+      model_with_corrupt_tokenizer, "tokenizer"),
+    c("eval-tokenizer-does-not-fit", lambda w, d, m: ["eval", str(w[B]), "--tokenizer", str(w["tok_a"]), "--text",
+                                                      str(w[TXT])], match="rows"),
+    c("eval-empty-text", lambda w, d, m: ["eval", str(w[A]), "--text", str(w["empty"])], match="empty"),
+    c("eval-non-utf8-text", lambda w, d, m: ["eval", str(w[A]), "--text", str(w["latin1"])], match="utf-8",
+      subprocess=True),
+    c("eval-missing-text", lambda w, d, m: ["eval", str(w[A]), "--text", str(d / "none.txt")], match="does not exist"),
+    c("eval-text-is-a-folder", lambda w, d, m: ["eval", str(w[A]), "--text", str(m)], text_dir, "directory"),
+    c("eval-unreadable-text", lambda w, d, m: ["eval", str(w[A]), "--text", str(m)], unreadable_text, "secret.txt"),
+    c("eval-max-length-0", lambda w, d, m: ["eval", str(w[A]), "--text", str(w[TXT]), "--max-length", "0"],
+      match="--max-length", subprocess=True),
+    c("eval-stride-over-window", lambda w, d, m: ["eval", str(w[A]), "--text", str(w[TXT]), "--max-length", "64",
+                                                  "--stride", "65"], match="--stride"),
+    c("eval-stride-0", lambda w, d, m: ["eval", str(w[A]), "--text", str(w[TXT]), "--stride", "0"], match="--stride"),
+    c("eval-batch-size-0", lambda w, d, m: ["eval", str(w[A]), "--text", str(w[TXT]), "--batch-size", "0"],
+      match="--batch-size"),
+    # ---------------------------------------------------------------- generate
+    c("generate-top-p-0", lambda w, d, m: ["generate", str(w[A]), "--prompt", "Hi", "--top-p", "0"], match="--top-p"),
+    c("generate-temperature-negative", lambda w, d, m: ["generate", str(w[A]), "--prompt", "Hi", "--temperature",
+                                                        "-1"], match="--temperature"),
+    c("generate-temperature-nan", lambda w, d, m: ["generate", str(w[A]), "--prompt", "Hi", "--temperature", "nan"],
+      match="--temperature"),
+    c("generate-max-bytes-0", lambda w, d, m: ["generate", str(w[A]), "--prompt", "Hi", "--max-bytes", "0"],
+      match="--max-bytes"),
+    c("generate-empty-prompt", lambda w, d, m: ["generate", str(w[A]), "--prompt", ""], match="prompt"),
+    c("generate-tokenizer-does-not-fit", lambda w, d, m: ["generate", str(w[B]), "--tokenizer", str(w["tok_a"]),
+                                                          "--prompt", "Hi", "--max-bytes", "4"], match="rows"),
+    c("generate-truncated-weights", lambda w, d, m: ["generate", str(m), "--prompt", "Hi"], truncated_model,
+      "truncated", subprocess=True),
+    # ---------------------------------------------------------------- ensemble
+    c("ensemble-weight-count", lambda w, d, m: ["ensemble", "--model", str(w[A]), "--model", str(w[B]), "--weight",
+                                                "1", "--prompt", "Hi"], match="--weight"),
+    c("ensemble-weight-nan", lambda w, d, m: ["ensemble", "--model", str(w[A]), "--model", str(w[B]), "--weight",
+                                              "nan", "--weight", "1", "--prompt", "Hi"], match="--weight"),
+    c("ensemble-weight-zero", lambda w, d, m: ["ensemble", "--model", str(w[A]), "--model", str(w[B]), "--weight",
+                                               "0", "--weight", "1", "--prompt", "Hi"], match="--weight"),
+    c("ensemble-missing-member", lambda w, d, m: ["ensemble", "--model", str(w[A]), "--model", str(d / "nope"),
+                                                  "--prompt", "Hi"], match="does not exist"),
+    c("ensemble-nan-member", lambda w, d, m: ["ensemble", "--model", str(w[A]), "--model", str(m), "--prompt", "Hi",
+                                              "--max-bytes", "2"], nan_model, "nan"),
+    # ---------------------------------------------------------------- align
+    c("align-top-k-negative", lambda w, d, m: ["align", str(w["tok_a"]), str(w["tok_b"]), "--top-k", "-1"],
+      match="--top-k"),
+    c("align-max-pieces-0", lambda w, d, m: ["align", str(w["tok_a"]), str(w["tok_b"]), "--max-pieces", "0"],
+      match="--max-pieces"),
+    c("align-existing-output", lambda w, d, m: ["align", str(w["tok_a"]), str(w["tok_b"]), "--out", str(m)],
+      existing_file, "already exists"),
+    c("align-output-is-a-folder", lambda w, d, m: ["align", str(w["tok_a"]), str(w["tok_b"]), "--out", str(m),
+                                                   "--overwrite"], existing_dir, "folder"),
+    c("align-corrupt-tokenizer-json", lambda w, d, m: ["align", str(m), str(w["tok_b"])], corrupt_tokenizer,
+      "tokenizer"),
+    c("align-truncated-tokenizer-json", lambda w, d, m: ["align", str(m), str(w["tok_b"])], truncated_tokenizer,
+      "tokenizer"),
+    c("align-missing-tokenizer", lambda w, d, m: ["align", str(d / "nope"), str(w["tok_b"])], match="does not exist"),
+    # ---------------------------------------------------------------- transplant
+    c("transplant-existing-output", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(m), "--method",
+                                                     "mean"], existing_dir, "already exists"),
+    c("transplant-output-is-the-model", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(w[A]),
+                                                         "--method", "mean", "--overwrite"], match="input",
+      owner_note="transplant_checkpoint must pass its inputs to check_output_free"),
+    c("transplant-corrupt-new-tokenizer", lambda w, d, m: ["transplant", str(w[A]), str(m), str(d / "out"),
+                                                           "--method", "mean"], corrupt_tokenizer, "tokenizer"),
+    c("transplant-truncated-weights", lambda w, d, m: ["transplant", str(m), str(w["tok_b"]), str(d / "out"),
+                                                       "--method", "mean"], truncated_model, "truncated"),
+    c("transplant-nan-weights", lambda w, d, m: ["transplant", str(m), str(w["tok_b"]), str(d / "out"), "--method",
+                                                 "mean"], nan_model, "nan"),
+    c("transplant-omp-without-donor", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(d / "out"),
+                                                       "--method", "omp"], match="donor"),
+    c("transplant-top-k-0", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(d / "out"), "--top-k",
+                                             "0"], match="top_k"),
+    c("transplant-temperature-negative", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(d / "out"),
+                                                          "--temperature", "-1"], match="temperature"),
+    c("transplant-temperature-nan", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(d / "out"),
+                                                     "--temperature", "nan"], match="temperature"),
+    # ---------------------------------------------------------------- heal
+    c("heal-missing-model", lambda w, d, m: ["heal", str(d / "nope"), "--text", str(w[TXT]), "--steps", "1", "--out",
+                                             str(d / "out")], match="does not exist"),
+    c("heal-empty-text", lambda w, d, m: ["heal", str(w[A]), "--text", str(w["empty"]), "--steps", "1", "--out",
+                                          str(d / "out")], match="empty"),
+    c("heal-existing-output", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1", "--out",
+                                               str(m)], existing_dir, "already exists"),
+    c("heal-output-is-the-model", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1", "--out",
+                                                   str(w[A]), "--overwrite", "--train-rows", "all"], match="input",
+      owner_note="heal_checkpoint must pass its inputs to check_output_free"),
+    c("heal-steps-0", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "0", "--out",
+                                       str(d / "out")], match="steps", owner_note="heal config validation"),
+    c("heal-lr-nan", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1", "--lr", "nan",
+                                      "--out", str(d / "out")], match=r"\blr\b|learning rate",
+      owner_note="heal config validation"),
+    c("heal-batch-size-0", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1",
+                                            "--batch-size", "0", "--out", str(d / "out")], match="batch",
+      owner_note="heal config validation"),
+    # ---------------------------------------------------------------- distill
+    c("distill-missing-yaml", lambda w, d, m: ["distill", "--config", str(d / "none.yaml")], match="does not exist"),
+    c("distill-corrupt-yaml", lambda w, d, m: ["distill", "--config", str(m)], yaml_file("student: [unclosed\n  x: :"),
+      "yaml"),
+    c("distill-unknown-key", lambda w, d, m: ["distill", "--config", str(m)],
+      lambda w, d: yaml_file(distill_yaml(w, d, extra="colour: blue\n"))(w, d), "colour", subprocess=True),
+    c("distill-steps-0", lambda w, d, m: ["distill", "--config", str(m)],
+      lambda w, d: yaml_file(distill_yaml(w, d, steps=0))(w, d), "steps"),
+    c("distill-lr-nan", lambda w, d, m: ["distill", "--config", str(m), "train.lr=nan"],
+      lambda w, d: yaml_file(distill_yaml(w, d))(w, d), "lr", owner_note="distill config validation"),
+    c("distill-truncated-alignment", lambda w, d, m: ["distill", "--config", str(m)], alignment("truncated"),
+      "alignment"),
+    c("distill-corrupt-alignment", lambda w, d, m: ["distill", "--config", str(m)], alignment("corrupt"),
+      "alignment"),
+    c("distill-mismatched-alignment", lambda w, d, m: ["distill", "--config", str(m)], alignment("mismatch"),
+      "does not match"),
+    # ---------------------------------------------------------------- supertokens
+    c("supertokens-vocab-too-small", lambda w, d, m: ["supertokens", "train", "--text", str(w[TXT]), "--vocab-size",
+                                                      "10", "--out", str(d / "out")], match="vocab_size"),
+    c("supertokens-chunk-range", lambda w, d, m: ["supertokens", "train", "--text", str(w[TXT]), "--vocab-size",
+                                                  "400", "--method", "chunks", "--chunk-min", "9", "--chunk-max", "3",
+                                                  "--out", str(d / "out")], match="chunk"),
+    c("supertokens-non-utf8-text", lambda w, d, m: ["supertokens", "train", "--text", str(w["latin1"]),
+                                                    "--vocab-size", "400", "--out", str(d / "out")], match="utf-8"),
+    c("supertokens-existing-output", lambda w, d, m: ["supertokens", "train", "--text", str(w[TXT]), "--vocab-size",
+                                                      "400", "--out", str(m)], existing_dir, "already exists"),
+    # ---------------------------------------------------------------- tokenizer-report
+    c("report-max-words-0", lambda w, d, m: ["tokenizer-report", str(w["tok_a"]), "--text", str(w[TXT]),
+                                             "--max-words", "0"], match="--max-words"),
+    c("report-plot-not-png", lambda w, d, m: ["tokenizer-report", str(w["tok_a"]), "--text", str(w[TXT]), "--plot",
+                                              str(d / "chart.jpg")], match="png"),
+    c("report-empty-text", lambda w, d, m: ["tokenizer-report", str(w["tok_a"]), "--text", str(w["empty"])],
+      match="empty"),
+    c("report-corrupt-tokenizer", lambda w, d, m: ["tokenizer-report", str(m), "--text", str(w[TXT])],
+      corrupt_tokenizer, "tokenizer"),
+]
+
+
+# --------------------------------------------------------------------------- running a row
+def _snapshot(*roots: Path) -> dict[str, str]:
+    """Every path under ``roots`` with a hash of its content (folders: their mode)."""
+    out = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for n in dirnames:
+                out[os.path.join(dirpath, n)] = "dir"
+            for n in filenames:
+                p = os.path.join(dirpath, n)
+                try:
+                    out[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+                except PermissionError:
+                    out[p] = "unreadable"
+    return out
+
+
+def _run(argv: list[str], capsys, in_subprocess: bool) -> tuple[int, str]:
+    if in_subprocess:
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        r = subprocess.run([sys.executable, "-m", "surgery.cli", *argv], capture_output=True, text=True, env=env,
+                           timeout=300)
+        return r.returncode, r.stderr
+    from surgery.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, world, tmp_path, capsys):
+    d = tmp_path / "case"
+    d.mkdir()
+    made = case.make(world, d) if case.make else None
+    argv = case.argv(world, d, made)
+    before = _snapshot(world["root"], d)
+    code, err = _run(argv, capsys, case.subprocess)
+    if made is not None and made.exists() and made.stat().st_mode & 0o777 == 0:
+        made.chmod(0o644)
+    lines = [line for line in err.splitlines() if line.strip()]
+    note = f" ({case.owner_note})" if case.owner_note else ""
+    assert code == 2, f"exit {code}{note}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"expected one line on stderr{note}, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("error: ") and "hint:" in lines[0], lines[0]
+    assert re.search(case.match, lines[0], re.IGNORECASE), f"{case.match!r} not in {lines[0]!r}"
+    after = _snapshot(world["root"], d)
+    assert after == before, f"written or changed: {sorted(set(after.items()) ^ set(before.items()))[:5]}"
+
+
+COMMANDS = {"eval", "align", "transplant", "heal", "distill", "generate", "ensemble", "supertokens", "tokenizer-report"}
+
+
+def test_catalogue_covers_every_command():
+    from surgery.cli import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert COMMANDS <= commands
+    covered = {"tokenizer-report" if c.id.startswith("report-") else c.id.split("-")[0] for c in CASES}
+    assert covered == COMMANDS
+    assert len(CASES) >= 40
