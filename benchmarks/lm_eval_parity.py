@@ -1,0 +1,152 @@
+"""lm-evaluation-harness parity: `surgery lm-eval` against lm-eval's own `hf` model, and an ensemble against its members.
+
+Runs the local task ``nextsent_en`` (artifacts/tasks/nextsent, built by artifacts/tasks/make_tasks.py) on the
+first ``--limit`` documents (four requests each), in process through lm-eval's ``simple_evaluate`` with
+per-sample logs, and prints one JSON object per line:
+
+- SmolLM2-135M three ways: byte level (what ``surgery lm-eval --model smollm2-135m`` runs: canonical
+  ByteLM), token level (``--token-level``: conditioned on the document-start token like the byte level) and
+  lm-eval's own ``--model hf pretrained=artifacts/cache/smollm2-135m`` (which adds no start token for SmolLM2):
+  ``acc``, ``acc_norm`` per system; per pair the mean relative difference of the per-request log-likelihoods
+  (``mean |a-b| / |b|``), the mean absolute and signed differences in nats, and how many documents get the
+  same answer.
+- Gemma-3-270M at byte level, and the byte-level ``mix`` of SmolLM2-135M + Gemma-3-270M (weights 0.5/0.5, what
+  ``surgery lm-eval --model smollm2-135m --model gemma3-270m`` runs) with ``beats_best_member``.
+
+Every system runs through the real harness classes; each member's byte-level scores of a text are computed once
+and reused by the ensemble (the ``mix`` of normalized per-byte distributions needs only the actual bytes'
+probabilities), which keeps the run under ten minutes on 2 shared cores::
+
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/lm_eval_parity.py --limit 6 > benchmarks/results/lm_eval.jsonl
+
+Tiny CPU variant (random two-layer models with the real tokenizers; checks the plumbing only)::
+
+    .venv/bin/python benchmarks/lm_eval_parity.py --limit 2 --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "artifacts" / "tasks" / "nextsent"
+CACHE = ROOT / "artifacts" / "cache"
+
+
+def per_request(res: dict, task: str) -> tuple[list[float], list[int]]:
+    """Log-likelihood of every (document, choice) request in document order, and each document's choice."""
+    lls, picks = [], []
+    for s in sorted(res["samples"][task], key=lambda s: s["doc_id"]):
+        row = [float(r[0]) for r in s["filtered_resps"]]
+        lls += row
+        picks.append(int(np.argmax(row)))
+    return lls, picks
+
+
+def summary(name: str, res: dict, task: str, seconds: float, **extra) -> dict:
+    r = res["results"][task]
+    return {"system": name, "task": task, "n_docs": len(res["samples"][task]), "acc": round(r["acc,none"], 4),
+            "acc_norm": round(r["acc_norm,none"], 4), "seconds": round(seconds, 1), **extra}
+
+
+def compare(a: str, b: str, ra: dict, rb: dict, task: str) -> dict:
+    la, pa = per_request(ra, task)
+    lb, pb = per_request(rb, task)
+    la, lb = np.array(la), np.array(lb)
+    return {"compare": f"{a} vs {b}", "task": task, "n_requests": len(la),
+            "mean_rel_diff": round(float(np.mean(np.abs(la - lb) / np.abs(lb))), 5),
+            "mean_abs_diff_nats": round(float(np.mean(np.abs(la - lb))), 4),
+            "mean_diff_nats": round(float(np.mean(la - lb)), 4),
+            "same_answer": f"{sum(x == y for x, y in zip(pa, pb))}/{len(pa)}"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="nextsent_en")
+    ap.add_argument("--limit", type=int, default=6, help="documents (each has four requests)")
+    ap.add_argument("--tiny", action="store_true", help="random tiny models with the real tokenizers (plumbing check)")
+    ap.add_argument("--skip-ensemble", action="store_true", help="SmolLM2 parity only")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from lm_eval import simple_evaluate
+
+    import surgery.bytelevel.harness as harness
+    from surgery.bytelevel import ByteLM
+    from surgery.bytelevel.ensemble import ByteEnsemble
+    from surgery.loading import load_model, load_tokenizer
+
+    torch.set_num_threads(2)
+    tm, _ = harness.task_manager([args.task], str(TASKS))
+    common = {"limit": args.limit, "machine": "shared 2-core CPU (timings indicative only)"}
+    scored = {}
+    plain_score = harness.score
+
+    def memo_score(blm, data, *a, **kw):  # a member's scores of a text, computed once
+        key = (id(blm), bytes(data), a, tuple(sorted(kw.items())))
+        if key not in scored:
+            scored[key] = plain_score(blm, data, *a, **kw)
+        return scored[key]
+
+    harness.score = memo_score
+
+    def run(lm):
+        t0 = time.time()
+        res = harness.run_tasks(lm, [args.task], str(TASKS), args.limit, manager=tm, log_samples=True)
+        return res, time.time() - t0
+
+    def load(name):
+        if args.tiny:
+            sys.path.append(str(ROOT / "tests"))
+            from helpers import tiny_llama
+
+            tok = load_tokenizer(name)
+            return tiny_llama(len(tok), seed=0), tok
+        return load_model(name), load_tokenizer(name)
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+
+    name = "smollm2-135m"
+    model, tok = load(name)
+    smol = ByteLM(model, tok)
+    rb, sb = run(harness.ByteLevelLM(smol, greedy=False))
+    emit(summary(f"surgery lm-eval --model {name} (byte level)", rb, args.task, sb, **common))
+    rt, st = run(harness.TokenLevelLM([model], [tok]))
+    emit(summary(f"surgery lm-eval --model {name} --token-level", rt, args.task, st, **common))
+    t0 = time.time()
+    pretrained = model if args.tiny else str(CACHE / name)
+    rh = simple_evaluate(model="hf", model_args={"pretrained": pretrained, "tokenizer": tok, "dtype": "float32",
+                                                  "device": "cpu", "batch_size": 8},
+                         tasks=[args.task], task_manager=tm, limit=args.limit, log_samples=True)
+    emit(summary(f"lm_eval --model hf pretrained=artifacts/cache/{name}", rh, args.task, time.time() - t0,
+                 **common))
+    emit(compare("byte level", "token level", rb, rt, args.task))
+    emit(compare("byte level", "lm-eval hf", rb, rh, args.task))
+    emit(compare("token level", "lm-eval hf", rt, rh, args.task))
+    if args.skip_ensemble:
+        return 0
+    gmodel, gtok = load("gemma3-270m")
+    gemma = ByteLM(gmodel, gtok)
+    rg, sg = run(harness.ByteLevelLM(gemma, greedy=False))
+    emit(summary("surgery lm-eval --model gemma3-270m (byte level)", rg, args.task, sg, **common))
+    re_, se = run(harness.ByteLevelLM(ByteEnsemble([smol, gemma], [0.5, 0.5], "mix"), greedy=False))
+    best_acc, best = max((rb["results"][args.task]["acc,none"], name), (rg["results"][args.task]["acc,none"],
+                                                                         "gemma3-270m"))
+    acc = re_["results"][args.task]["acc,none"]
+    emit(summary("surgery lm-eval --model smollm2-135m --model gemma3-270m --mode mix (byte level)", re_, args.task,
+                 se, best_member=best, best_member_acc=round(best_acc, 4), beats_best_member=acc > best_acc,
+                 note="member scores reused: seconds exclude them", **common))
+    emit(compare("ensemble", f"best member ({best})", re_, rb if best == name else rg, args.task))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
