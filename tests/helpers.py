@@ -93,7 +93,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, tie: bool = True, hidden: int = 3
 
 
 
-def _gpt2_bytes_to_unicode() -> dict[int, str]:
+def gpt2_bytes_to_unicode() -> dict[int, str]:
     """The GPT-2 byte → printable character table, written out from its definition."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
@@ -120,7 +120,7 @@ def token_bytes(tok) -> list[bytes | None]:
     added = {int(a["id"]) for a in j.get("added_tokens", [])}
     family = "wordpiece" if j["model"]["type"] == "WordPiece" else (
         "bytelevel" if "ByteLevel" in json.dumps(j.get("decoder")) else "sentencepiece")
-    inv = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+    inv = {c: b for b, c in gpt2_bytes_to_unicode().items()}
     out: list[bytes | None] = []
     for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
         if i in added or piece is None:

@@ -1,4 +1,4 @@
-"""Prompt and sampling options shared by `surgery generate` and `surgery ensemble` (not a command itself)."""
+"""Options shared by the commands that sample or combine models (`generate`, `ensemble`, `lm-eval`; not a command)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,29 @@ def sampling_problems(args) -> list[str]:
         problems.append(f"--seed must be in [0, 2**63), got {args.seed}")
     if not args.prompt:
         problems.append("--prompt is empty")
+    return problems
+
+
+def add_member_arguments(p) -> None:
+    """``--model`` (repeated) ``--weight`` (repeated) ``--mode``: the members of an ensemble and how they combine."""
+    from surgery.bytelevel.ensemble import ENSEMBLE_MODES
+
+    p.add_argument("--model", action="append", required=True,
+                   help="a model (repeat for an ensemble: --model A --model B); asset name, folder or hub id")
+    p.add_argument("--weight", type=float, action="append", default=None,
+                   help="weight of each --model in order (repeat; default uniform)")
+    p.add_argument("--mode", choices=sorted(ENSEMBLE_MODES), default="mix",
+                   help="how an ensemble combines (default mix)")
+
+
+def member_problems(args) -> list[str]:
+    """Every problem with the options of :func:`add_member_arguments` (empty when all are valid)."""
+    problems = []
+    if args.weight is not None:
+        if len(args.weight) != len(args.model):
+            problems.append(f"{len(args.weight)} --weight values for {len(args.model)} --model values")
+        if not all(math.isfinite(w) and w > 0 for w in args.weight):
+            problems.append(f"every --weight must be a finite number > 0, got {args.weight}")
     return problems
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 from surgery.commands._model_options import add_model_options, model_options
-from surgery.commands._sampling import add_sampling_arguments, check_tokenizer_fits, sampling_problems
+from surgery.commands._sampling import (add_member_arguments, add_sampling_arguments, check_tokenizer_fits,
+                                       member_problems, sampling_problems)
 
 NAME = "ensemble"
 HELP = "generate from an ensemble of models with different vocabularies (byte level; --token-level approximate)"
@@ -18,13 +18,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p):
-    from surgery.bytelevel.ensemble import ENSEMBLE_MODES
-
-    p.add_argument("--model", action="append", required=True,
-                   help="a member model (repeat: --model A --model B); asset name, folder or hub id")
-    p.add_argument("--weight", type=float, action="append", default=None,
-                   help="weight of each --model in order (repeat; default uniform)")
-    p.add_argument("--mode", choices=sorted(ENSEMBLE_MODES), default="mix", help="how to combine (default mix)")
+    add_member_arguments(p)
     p.add_argument("--token-level", action="store_true",
                    help="approximate token-level ensemble in the first model's vocabulary (via projections)")
     p.add_argument("--byte-mode", choices=["canonical", "exact"], default="canonical",
@@ -36,12 +30,7 @@ def add_arguments(p):
 def validate(args) -> None:
     from surgery.errors import ConfigError
 
-    problems = []
-    if args.weight is not None:
-        if len(args.weight) != len(args.model):
-            problems.append(f"{len(args.weight)} --weight values for {len(args.model)} --model values")
-        if not all(math.isfinite(w) and w > 0 for w in args.weight):
-            problems.append(f"every --weight must be a finite number > 0, got {args.weight}")
+    problems = member_problems(args)
     problems += sampling_problems(args)
     if problems:
         raise ConfigError(problems, "give one --weight per --model (or none), and valid sampling options")

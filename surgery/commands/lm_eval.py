@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+
+from surgery.commands._sampling import add_member_arguments, member_problems
 
 NAME = "lm-eval"
 HELP = "run lm-evaluation-harness tasks on a model or an ensemble of models with different vocabularies"
@@ -17,11 +18,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p):
-    p.add_argument("--model", action="append", required=True,
-                   help="a model (repeat for an ensemble: --model A --model B); asset name, folder or hub id")
-    p.add_argument("--weight", type=float, action="append", default=None,
-                   help="weight of each --model in order (repeat; default uniform)")
-    p.add_argument("--mode", choices=["mix", "product"], default="mix", help="how an ensemble combines (default mix)")
+    add_member_arguments(p)
     p.add_argument("--token-level", action="store_true",
                    help="score tokens (one model, or the approximate token-level ensemble) instead of bytes")
     p.add_argument("--byte-mode", choices=["canonical", "exact"], default="canonical",
@@ -41,12 +38,7 @@ def add_arguments(p):
 
 def problems(args) -> list[str]:
     """Every problem with the arguments that can be seen without loading anything."""
-    out = []
-    if args.weight is not None:
-        if len(args.weight) != len(args.model):
-            out.append(f"{len(args.weight)} --weight values for {len(args.model)} --model values")
-        if not all(math.isfinite(w) and w > 0 for w in args.weight):
-            out.append(f"every --weight must be a finite number > 0, got {args.weight}")
+    out = member_problems(args)
     if not [t for t in args.tasks.split(",") if t.strip()]:
         out.append("--tasks is empty")
     if args.limit is not None and args.limit < 1:

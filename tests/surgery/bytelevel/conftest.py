@@ -29,23 +29,11 @@ import pytest
 import numpy as np
 import torch
 
+from helpers import gpt2_bytes_to_unicode
 from surgery.bytelevel.validity import PROBES  # the probe characters are part of the definition
 
 
-def _gpt2_bytes() -> dict[int, str]:
-    """GPT-2's byte → printable character table (written out here, independent of the library)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
-
-
-_GPT2_BYTES = _gpt2_bytes()
+_GPT2_BYTES = gpt2_bytes_to_unicode()
 
 
 class BruteForce:
