@@ -17,6 +17,12 @@ Gemma-3-270M as the base (a SentencePiece vocabulary with byte-fallback twins), 
         >> benchmarks/results/transplant_gemma3_base.jsonl
     # then --pairs qwen2-tokenizer / smollm2-135m with --skip-original
 
+The heal grid (``--heal-params`` × ``--heal-teachers``, ``--heal-minutes`` each) on the best method, e.g. CE
+against the base model as teacher for new rows, LoRA and all parameters:
+
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/transplant.py --pairs llama3-tokenizer \
+        --methods tokenadapt-untie --heal-params new-rows lora all --heal-teachers none auto
+
 Prints one JSON object per line: the original model per language (``kind: original``), each
 method × tokenizer × language (``kind: zero_shot``, with the ratio to the original and the
 transplant wall time), then the best method of each pair after a short CPU heal on the shipped
@@ -31,6 +37,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -76,6 +83,33 @@ def evaluate(model, tok, texts: dict, stride: int) -> dict:
             for lang, text in texts.items()}
 
 
+def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params, teacher, out) -> None:
+    """Heal ``src`` for ``--heal-minutes`` under one parameter policy and teacher; prints one row per language."""
+    from surgery.commands.heal import heal_checkpoint
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.transplant import HealConfig
+
+    cfg = HealConfig(minutes=args.heal_minutes, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
+                     warmup=3, checkpoint_every=100000, params=params, negatives=args.heal_negatives,
+                     teacher=teacher, loss=args.heal_loss)
+    t3 = time.time()
+    s = heal_checkpoint(str(src), heal_texts, str(out), cfg, overwrite=True, progress=False)
+    model = load_model(out)
+    bpb = evaluate(model, load_tokenizer(out), texts, args.stride)
+    del model
+    for lang, v in bpb.items():
+        emit({"kind": "healed", "base": args.base, "tokenizer": pair, "method": method, "lang": lang,
+              "params": params, "teacher": teacher, **({"loss": args.heal_loss} if teacher != "none" else {}),
+              "bits_per_byte": round(v, 4), "ratio": ratio(v, orig[lang]),
+              "zero_shot_bits_per_byte": round(zero_shot[lang], 4),
+              "heal_steps": s["steps"], "heal_s": round(time.time() - t3, 1),
+              "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],
+              "heal_tokens": s["tokens_seen"], "heal_rows_trained": s.get("rows_trained"),
+              "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "negatives", "all_lr",
+                                                          "lora_lr", "teacher_balance") if k in s["config"]}})
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     from surgery.transplant import TransplantConfig
 
@@ -95,9 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-lr", type=float, default=HEAL_LR, help="learning rate of the healed rows")
     ap.add_argument("--heal-negatives", type=int, default=HEAL_NEGATIVES,
                     help="head rows of the most-favoured wrong tokens trained per step (0 = batch tokens only)")
-    ap.add_argument("--heal-input-rows", action="store_true",
-                    help="heal input and head rows (backward through the body) instead of head rows only; measured "
-                         "worse per CPU minute (SmolLM2 <- Llama-3, 3000 held-out bytes per language)")
+    ap.add_argument("--heal-params", nargs="+", default=["head"], choices=["head", "new-rows", "lora", "all"],
+                    help="parameter policies healed, one heal each (head: head rows only, the body runs forward; "
+                         "new-rows: input and head rows; lora: new rows + LoRA; all: every parameter)")
+    ap.add_argument("--heal-teachers", nargs="+", default=["none"], choices=["none", "auto"],
+                    help="none: next-token CE; auto: the base model teaches through --heal-loss; one heal each")
+    ap.add_argument("--heal-loss", default="alm", help="the teacher's cross-vocabulary loss (with --heal-teachers auto)")
     ap.add_argument("--work", default=None, help="folder for transplanted checkpoints (default: a temp folder)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -107,7 +144,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     from surgery.loading import load_model, load_tokenizer
-    from surgery.transplant import HealConfig, TransplantConfig, transplant_checkpoint
+    from surgery.transplant import TransplantConfig, transplant_checkpoint
     from surgery.transplant.aux_embeddings import default_cache_dir
 
     texts = {lang: heldout(lang, args.max_bytes) for lang in args.langs}
@@ -155,26 +192,10 @@ def main(argv=None) -> int:
                 continue
             src = results[best][1]
             heal_texts = args.heal_texts or [str(TEXTS / f"debian-reference.{lang}.train.txt") for lang in args.langs]
-            out = work / f"{pair}-{best}-healed"
-            cfg = HealConfig(minutes=args.heal_minutes, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
-                             warmup=3, checkpoint_every=100000, params="new-rows" if args.heal_input_rows else "head",
-                             negatives=args.heal_negatives)
-            from surgery.commands.heal import heal_checkpoint  # only when healing
-
-            t3 = time.time()
-            s = heal_checkpoint(str(src), heal_texts, str(out), cfg, overwrite=True, progress=False)
-            model = load_model(out)
-            tok = load_tokenizer(out)
-            bpb = evaluate(model, tok, texts, args.stride)
-            del model
-            for lang, v in bpb.items():
-                emit({"kind": "healed", "base": args.base, "tokenizer": pair, "method": best, "lang": lang,
-                      "bits_per_byte": round(v, 4), "ratio": ratio(v, orig[lang]),
-                      "zero_shot_bits_per_byte": round(results[best][0][lang], 4),
-                      "heal_steps": s["steps"], "heal_s": round(time.time() - t3, 1),
-                      "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],
-                      "heal_tokens": s["tokens_seen"], "heal_rows_trained": s["rows_trained"],
-                      "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "input_rows", "negatives")}})
+            for params in args.heal_params:
+                for teacher in args.heal_teachers:
+                    heal_one(args, pair, best, src, results[best][0], orig, texts, heal_texts, params, teacher,
+                             work / f"{pair}-{best}-healed-{params}-{teacher}")
     return 0
 
 

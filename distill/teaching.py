@@ -124,7 +124,8 @@ class TeacherTask:
 
 def heal_teacher_task(teacher_name: str, tokenizer, texts, config) -> TeacherTask:
     """The :class:`TeacherTask` of a heal (``config``: a :class:`surgery.transplant.config.HealConfig` with
-    ``loss``, ``seq_len``, ``batch_size``, ``seed``, ``device``)."""
+    ``loss``, ``teacher_balance``, ``seq_len``, ``batch_size``, ``seed``, ``device``)."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher, s_vocab, lc = load_heal_teacher(teacher_name, tokenizer, config.loss, device)
+    teacher, s_vocab, lc = load_heal_teacher(teacher_name, tokenizer, config.loss, device,
+                                             rescale_by=config.teacher_balance)
     return TeacherTask(texts, tokenizer, s_vocab, teacher, lc, config.seq_len, config.batch_size, config.seed, device)

@@ -145,6 +145,9 @@ class HealConfig(Config):
                 "its own tokenizer) or a model: teaches through --loss on blocks of the text"})
     loss: str = field(default="alm", metadata={
         "help": "the teacher's cross-vocabulary loss (alm, pkl, hkl, tkl, uld, gold; with --teacher)"})
+    teacher_balance: Literal["gradient", "value"] = field(default="gradient", metadata={
+        "help": "how the teacher's term is scaled against CE (with --teacher): gradient (|dCE/dz| / |dKD/dz| on "
+                "the student logits, so it pulls as hard as CE) or value (KD x CE/KD)"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if present)"})
 
     @property

@@ -52,3 +52,24 @@ def test_heal_with_a_teacher_under_every_parameter_policy(params, tiny_student, 
     rows = [json.loads(l) for l in (tmp_path / "out" / "heal_metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("event") == "train"]
     assert all("kd0" in r and r["loss"] > r["ce"] for r in train)  # CE + the teacher's term
+
+
+@pytest.mark.parametrize("balance", ["gradient", "value"])
+def test_heal_teacher_task_balances_as_configured(balance, tiny_student, tiny_teacher, tiny_text):
+    """The heal's ``teacher_balance`` reaches the loss: with ``value`` the teacher's term is rescaled to CE's value
+    (total = 2 CE); with ``gradient`` to CE's gradient norm on the logits, which for alm is another value."""
+    from distill.teaching import heal_teacher_task
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.transplant.config import HealConfig
+
+    tok = load_tokenizer(str(tiny_student))
+    cfg = HealConfig(steps=1, teacher=str(tiny_teacher), loss="alm", seq_len=48, batch_size=2, device="cpu",
+                     teacher_balance=balance)
+    task = heal_teacher_task(str(tiny_teacher), tok, [(tiny_text / "train.txt").read_text(encoding="utf-8")], cfg)
+    assert task.cfg.loss.rescale_by == balance
+    student = load_model(str(tiny_student))
+    (batch,) = task.micro_batches(0)
+    total, mets = task.loss(student, batch, contextlib.nullcontext)
+    assert torch.isfinite(total) and mets["kd0"] > 0
+    doubled = total.item() == pytest.approx(2 * mets["ce"], rel=1e-4)  # CE + KD rescaled to CE's value
+    assert doubled == (balance == "value")

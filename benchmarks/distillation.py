@@ -19,7 +19,7 @@
     them, and at chunk starts the student's and the projected teacher's cross-entropy on the student's actual
     next token (is the teacher's signal worth having?).
 
-Run: ``.venv/bin/python benchmarks/distill.py [--part cost|budget|all|signal] [--steps N]``. One JSON line per figure.
+Run: ``.venv/bin/python benchmarks/distillation.py [--part cost|budget|all|signal] [--steps N]``. One JSON line per figure.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# this file is named like the `distill` package: keep its folder off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 VS, VT = 49152, 262144
 
