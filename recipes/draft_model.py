@@ -112,11 +112,61 @@ def count_acceptance():
         AssistedCandidateGenerator.update_candidate_strategy = orig
 
 
+@contextlib.contextmanager
+def universal_cache_fix():
+    """Keep the assistant's KV cache consistent in universal assisted generation (transformers 5.x).
+
+    ``AssistedCandidateGeneratorDifferentTokenizers.get_candidates`` records ``_last_ids_length`` in *target*
+    tokens, and ``_update_past_and_masks`` subtracts the *assistant's* input length from it to decide how much of
+    the assistant's cache to crop. After a round whose draft re-tokenizes to no new target token (``get_candidates``
+    then returns the target's ids unchanged) the cache still holds the rejected draft tokens while the crop count is
+    zero or negative, so the cache grows longer than the assistant's ids and the next ``generate`` of the assistant
+    has no token left to run: ``cannot reshape tensor of 0 elements`` inside its prefill. (Seen with Gemma-3-270M
+    as target and SmolLM2-135M as assistant on a six-token prompt, third round; reproduced by
+    ``tests/surgery/bytelevel/test_draft_recipe.py`` with a tiny draft that always proposes one token.)
+
+    While active, the cache is cropped to the longest common prefix of the token ids it holds (the assistant's
+    previous sequence, remembered per generator) and the new assistant ids, keeping at least one id to run. Only
+    cached work is dropped, never reused wrongly, so greedy outputs stay the target's; site-packages is untouched
+    and both methods are restored on exit.
+    """
+    from transformers.generation.candidate_generator import AssistedCandidateGeneratorDifferentTokenizers as UAG
+
+    orig_get, orig_update = UAG.get_candidates, UAG._update_past_and_masks
+
+    def get_candidates(self, input_ids, **kwargs):
+        out = orig_get(self, input_ids, **kwargs)
+        if self.prev_assistant_ids is not None:  # the assistant's last sequence: what its cache holds a prefix of
+            self._cached_assistant_ids = self.prev_assistant_ids[0].clone()  # copy: the next round edits it in place
+        return out
+
+    def update_past_and_masks(self, assistant_input_ids, num_extra_tokens_to_remove: int = 0) -> bool:
+        cache = self.assistant_kwargs.get("cache")
+        if cache is None:
+            return False
+        held_len = cache.get_seq_length()
+        held = self._cached_assistant_ids[:held_len]
+        new = assistant_input_ids[0]
+        m = min(len(held), len(new))
+        diff = (held[:m] != new[:m].to(held.device)).nonzero()
+        keep = min(int(diff[0]) if len(diff) else m, len(new) - 1)  # at least one id left to run
+        if keep < held_len:
+            cache.crop(keep - held_len)  # a negative count removes that many positions
+        return True
+
+    UAG.get_candidates, UAG._update_past_and_masks = get_candidates, update_past_and_masks
+    try:
+        yield
+    finally:
+        UAG.get_candidates, UAG._update_past_and_masks = orig_get, orig_update
+
+
 @torch.no_grad()
 def measure(target, tok, texts: list[str], max_new: int, **assist) -> dict:
     """Greedy generation of every prompt; returns the outputs, timing and acceptance counts."""
     outs, seconds, new = [], 0.0, 0
-    with count_acceptance() as stats:
+    fix = universal_cache_fix() if "assistant_tokenizer" in assist else contextlib.nullcontext()
+    with fix, count_acceptance() as stats:
         for text in texts:
             ids = tok(text, return_tensors="pt")
             t0 = time.perf_counter()

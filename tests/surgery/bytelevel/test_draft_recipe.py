@@ -39,3 +39,35 @@ def test_acceptance_hook_is_removed():
     with recipe.count_acceptance():
         assert AssistedCandidateGenerator.update_candidate_strategy is not before
     assert AssistedCandidateGenerator.update_candidate_strategy is before
+
+
+def test_universal_assisted_generation_keeps_the_assistant_cache_consistent():
+    """A draft that always proposes one token (re-tokenized into no new target token, so every round is rejected)
+    leaves rejected tokens in the assistant's cache; with the recipe's fix universal assisted generation runs and
+    its greedy output is the target's own, token for token (transformers 5.x without it: `cannot reshape tensor
+    of 0 elements`)."""
+    import torch
+
+    from helpers import tiny_llama, tokenizer
+
+    recipe = _recipe()
+    tok, dtok = tokenizer("gemma3-270m"), tokenizer("smollm2-135m")
+    target, draft = tiny_llama(len(tok), seed=0), tiny_llama(len(dtok), seed=2)
+
+    def always(module, inputs, out):  # the draft's argmax is token 216, whatever the context
+        out = out.clone()
+        out[..., 216] += 1000.0
+        return out
+
+    draft.lm_head.register_forward_hook(always)
+    for text in ["The capital of France is", "Debian is a free operating system. The package manager"]:
+        ids = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            base = target.generate(**ids, max_new_tokens=12, do_sample=False)
+            with recipe.universal_cache_fix():
+                got = target.generate(**ids, max_new_tokens=12, do_sample=False, assistant_model=draft,
+                                      tokenizer=tok, assistant_tokenizer=dtok)
+        assert torch.equal(got, base)
+    from transformers.generation.candidate_generator import AssistedCandidateGeneratorDifferentTokenizers as UAG
+
+    assert UAG.get_candidates.__module__.startswith("transformers")  # restored on exit
