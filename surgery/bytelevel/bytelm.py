@@ -295,6 +295,34 @@ class ByteLM:
             SurgeryError: no admitted encoding covers the prefix (canonical mode), or the
                 prefix is longer than the model's context.
         """
+        dist, norm, _ = self._next_masses(prefix)
+        with np.errstate(divide="ignore"):
+            return torch.from_numpy(np.log(dist) - math.log(norm))
+
+    @torch.no_grad()
+    def next_byte_masses(self, prefix: bytes) -> tuple[np.ndarray, float, list[int]]:
+        """The unnormalized next-byte masses after ``prefix`` and what renormalization divides them by.
+
+        ``Q(prefix·b)``, the mass of the admitted encodings of ``prefix·b`` (the numerators of
+        :meth:`next_byte_logprobs`), and their sum ``N``, both relative to the root of the
+        prefix's covering tree: the tokens before the last pre-token piece (canonical mode; the
+        start of the text in exact mode), which are a prefix of the text's own tokenization.
+        In exact mode ``N`` equals the mass of ``prefix`` itself; in canonical mode the mass
+        of ``prefix`` the tree held one byte earlier (its numerator then, divided by the
+        probability of the tokens its root gained since) exceeds ``N`` by what the rule took
+        away: other segmentations of a finished piece, pairs the tokenizer never emits,
+        byte-fallback spellings of characters the vocabulary has.
+
+        Returns:
+            ``(log Q (257,), log N, root)``: natural logs, index 256 end of text; ``root`` the root's tokens.
+        """
+        dist, norm, ref = self._next_masses(prefix)
+        with np.errstate(divide="ignore"):
+            return np.log(dist) + ref, math.log(norm) + ref, list(self._state.root_path)
+
+    def _next_masses(self, prefix: bytes) -> tuple[np.ndarray, float, float]:
+        """``(257,)`` next-byte masses and their normalizer, both divided by ``exp(ref)``, and ``ref``
+        (log, relative to the root of the covering tree)."""
         z = self.stream(bytes(prefix))
         st, splits = self._state_for(z)
         n = len(z)
@@ -304,12 +332,13 @@ class ByteLM:
         ref = max(st.logp[i] for i in live)
         points = tuple(sorted(splits))
         decisions = self.canon.split_decisions(z, st.start, points) if points else None
+        canonical = self.mode == "canonical"
         dist = np.zeros(257)
         norm = 0.0
         for i in live:
             w = math.exp(st.logp[i] - ref)
             m = tree.end[i]
-            banned = self.canon.banned_at(z, n) if m == n and self.mode == "canonical" else None
+            banned = self.canon.banned_at(z, n) if m == n and canonical else None
             nm = NodeMasses(as_numpy(self.cache.logp[st.slots[i]]), self.index, z, m, n - m, banned)
             if decisions is not None:  # the next byte decides whether pieces open at the split points
                 row = np.zeros(257)
@@ -328,8 +357,7 @@ class ByteLM:
             norm = float(dist.sum())
         if norm <= 0:
             raise SurgeryError("no admitted encoding covers this prefix", "use mode='exact'")
-        with np.errstate(divide="ignore"):
-            return torch.from_numpy(np.log(dist) - math.log(norm))
+        return dist, norm, ref
 
     @torch.no_grad()
     def generate(self, prefix: bytes = b"", max_bytes: int = 256, temperature: float = 1.0, top_p: float = 1.0,
