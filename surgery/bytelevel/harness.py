@@ -42,33 +42,36 @@ LOG = logging.getLogger(__name__)
 BYTES_PER_GEN_TOKEN = 4  # lm-eval's max_gen_toks becomes this many bytes at byte level
 
 
-def byte_scores(scorer, data: bytes, greedy: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-byte log-probabilities of ``data`` under a ByteLM or ByteEnsemble.
+def byte_scores(scorer, data: bytes, greedy: bool = True, start: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-byte log-probabilities of ``data[start:]`` given ``data[:start]`` under a ByteLM or ByteEnsemble.
 
     Args:
         scorer: a :class:`ByteLM` or :class:`ByteEnsemble`.
-        data: the bytes to score (conditioned on the document start only).
-        greedy: also say, per byte, whether it is the argmax of its next-byte distribution
+        data: the text's bytes (conditioned on the document start only).
+        greedy: also say, per scored byte, whether it is the argmax of its next-byte distribution
             (needs the full 257-way distributions: slower).
+        start: bytes of context, conditioned on and not scored (:func:`~surgery.bytelevel.scoring.score`
+            builds nothing for the prefixes inside it).
 
     Returns:
-        ``(n,)`` float64 ``log P(data[i] | data[:i])`` and ``(n,)`` bool argmax flags (``None``
-        unless ``greedy``).
+        ``(n - start,)`` float64 ``log P(data[i] | data[:i])`` for ``i >= start`` and ``(n - start,)``
+        bool argmax flags (``None`` unless ``greedy``).
     """
-    n = len(data)
-    if n == 0:
+    n = len(data) - start
+    if n <= 0:
         return np.zeros(0), (np.zeros(0, dtype=bool) if greedy else None)
-    if greedy:
-        dists = scorer.byte_logprobs(data).numpy()[:n]  # (n, 257)
-        idx = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-        return dists[np.arange(n), idx], dists.argmax(axis=1) == idx
-    if isinstance(scorer, ByteLM):
-        return score(scorer, data).byte_logprobs, None
-    if scorer.mode == "mix":  # each member is normalized per byte: the mixture needs only the actual byte
-        per = torch.stack([torch.from_numpy(score(m, data).byte_logprobs) for m in scorer.members])
-        return mix(per, scorer.weights).numpy(), None
-    dists = scorer.byte_logprobs(data).numpy()[:n]
-    return dists[np.arange(n), np.frombuffer(data, dtype=np.uint8).astype(np.int64)], None
+    idx = np.frombuffer(data, dtype=np.uint8)[start:].astype(np.int64)
+    members = [scorer] if isinstance(scorer, ByteLM) else scorer.members
+    if not greedy and (isinstance(scorer, ByteLM) or scorer.mode == "mix"):
+        # each member is normalized per byte: a mixture needs only the actual bytes' probabilities
+        per = [score(m, data, start=start).byte_logprobs for m in members]
+        if isinstance(scorer, ByteLM):
+            return per[0], None
+        return mix(torch.from_numpy(np.stack(per)), scorer.weights).numpy(), None
+    per = [torch.from_numpy(score(m, data, full=True, start=start).dists[:n]) for m in members]  # (n, 257) each
+    dists = (per[0] if isinstance(scorer, ByteLM) else scorer.combine(torch.stack(per), scorer.weights)).numpy()
+    lp = dists[np.arange(n), idx]
+    return lp, (dists.argmax(axis=1) == idx if greedy else None)
 
 
 def _until(gen_kwargs: dict) -> list[str]:
@@ -120,9 +123,8 @@ class ByteLevelLM(LM):
             if not cont:
                 done[(ctx, cont)] = (0.0, True)
                 continue
-            lp, top = byte_scores(self.scorer, ctx + cont, self.greedy)
-            k = len(ctx)
-            done[(ctx, cont)] = (float(lp[k:].sum()), bool(top[k:].all()) if top is not None else False)
+            lp, top = byte_scores(self.scorer, ctx + cont, self.greedy, start=len(ctx))
+            done[(ctx, cont)] = (float(lp.sum()), bool(top.all()) if top is not None else False)
         out = [done[p] for p in pairs]
         for r, res in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", r.args, res)

@@ -133,17 +133,31 @@ def _windows(n_trunk: int, max_length: int, stride: int, branch_count: np.ndarra
 
 
 @torch.no_grad()
-def score(blm, data: bytes, full: bool = False, progress: bool = False) -> ScoreResult:
+def score(blm, data: bytes, full: bool = False, progress: bool = False, start: int = 0) -> ScoreResult:
     """Byte-level log-probabilities of ``data`` under ``blm`` (a :class:`~surgery.bytelevel.bytelm.ByteLM`).
 
     Args:
         full: also return the full next-byte distribution after every prefix.
         progress: show a progress bar over the windows.
+        start: score only ``data[start:]`` given ``data[:start]`` (a context conditioned on, never
+            scored): the numbers are those of the whole text from byte ``start`` on, but no covering
+            tree, branch token or next-byte mass is built for a prefix shorter than ``start``; the
+            context costs its trunk tokens only.
+
+    Returns:
+        A :class:`ScoreResult` over the scored bytes: ``byte_logprobs`` ``(n - start,)`` (``n =
+        len(data)``), ``dists`` ``(n - start + 1, 257)`` after the prefixes ``data[:start]`` ..
+        ``data[:n]``, ``logprob`` their sum (``log P(data[start:] | data[:start])``).
+
+    Raises:
+        ValueError: ``start`` outside ``0..len(data)``.
     """
     t0 = time.time()
+    if not 0 <= start <= len(data):
+        raise ValueError(f"start={start} outside 0..{len(data)}")
     canonical = blm.mode == "canonical"
     z = blm.stream(data)
-    off = blm.offset
+    off = blm.offset + start  # first prefix length whose next byte is scored
     n = len(z)
     k_hi = n if full else n - 1  # last prefix length whose next-byte distribution is needed
     index, surfaces = blm.index, blm.vocab.surfaces
@@ -152,7 +166,9 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False) -> Score
     starts = [0] * (k_hi + 1)
     splits = [frozenset()] * (k_hi + 1)
     if canonical:
-        for k in range(1, k_hi + 1):
+        if off > 1:  # 0 is a piece boundary of every prefix: jump to the first scored one
+            starts[off - 1] = blm.canon.last_piece_start(z[:off - 1], 0)
+        for k in range(max(1, off), k_hi + 1):
             starts[k] = blm.canon.last_piece_start(z[:k], starts[k - 1])
             splits[k] = blm.canon.split_points(z[:k], starts[k])
     segments: list[tuple[int, int, int]] = []  # (start, k_first, k_last)

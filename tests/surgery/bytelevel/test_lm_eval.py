@@ -87,6 +87,32 @@ def test_byte_level_greedy_and_chain_against_next_byte_path(smol, canon):
         assert got[2][1] is True
 
 
+@pytest.mark.parametrize("kind", ["single", "mix", "product"])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_shared_context_scored_once_equals_whole_text(smol, canon, kind, greedy):
+    """Requests sharing a context score only their continuation's bytes (``score(..., start=len(ctx))``); the
+    slow path scores every byte of ``ctx + cont`` and sums the continuation's: equal within 1e-5 nats, and the
+    same argmax flags."""
+    from surgery.bytelevel.scoring import score
+
+    tok, model = smol
+    members = [ByteLM(model, tok, canon=canon), ByteLM(tiny_llama(len(tok), seed=9), tok, canon=canon)]
+    scorer = members[0] if kind == "single" else ByteEnsemble(members, [0.4, 0.6], kind)
+    ctx = "All files and directories are arranged in one big tree  "
+    conts = ["rooted at \"/\".", " It is upside down.", "\n\nA named pipe is a file.", "Grüße"]
+    got = ByteLevelLM(scorer, greedy=greedy, progress=False).loglikelihood(
+        _reqs("loglikelihood", [(ctx, c) for c in conts]))
+    k = len(ctx.encode())
+    for cont, (ll, top) in zip(conts, got):
+        data = (ctx + cont).encode()
+        idx = torch.tensor(list(data[k:]))
+        rows = [torch.from_numpy(score(m, data, full=True).dists[k:len(data)]) for m in members]
+        dist = rows[0] if kind == "single" else scorer.combine(torch.stack(rows), scorer.weights)
+        lp = dist[torch.arange(len(idx)), idx]
+        assert abs(ll - float(lp.sum())) < 1e-5, (cont, ll, float(lp.sum()))
+        assert top == (bool((dist.argmax(-1) == idx).all()) if greedy else False)
+
+
 def test_rolling_is_prefix_logprob(smol, canon):
     tok, model = smol
     blm = ByteLM(model, tok, canon=canon)
