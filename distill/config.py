@@ -133,7 +133,7 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata=_h("deterministic kernels (bitwise-reproducible resume)"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_h("auto: cuda when present"))
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=_h(
-        "auto: bf16 autocast on GPU, fp32 on CPU"))
+        "auto: bf16 autocast on a GPU that supports it, fp32 on CPU (distill.trainer.loop.use_bf16)"))
     threads: int | None = field(default=None, metadata=_h("torch CPU threads (default: torch's choice)"))
     eval_every: int = field(default=0, metadata=_h("held-out bits/byte every N steps (0: at start and end only)"))
     eval_at_start: bool = field(default=True, metadata=_h("held-out bits/byte before the first step"))

@@ -228,6 +228,17 @@ def write_safetensors_shards(state: dict[str, torch.Tensor], folder: Path, max_s
     return index
 
 
+def save_generation_config(gen, folder: Path) -> None:
+    """Write ``generation_config.json`` into ``folder`` when there is one; an invalid one only logs a warning
+    (it must not block the weights)."""
+    if gen is None:
+        return
+    try:
+        gen.save_pretrained(folder)
+    except Exception as e:
+        LOG.warning("generation config not saved: %s", e)
+
+
 def save_checkpoint(
     model,
     tokenizer,
@@ -253,12 +264,7 @@ def save_checkpoint(
                                    "check the inputs of the step that produced it (learning rate, data)")
         write_safetensors_shards(state, tmp, max_shard_bytes)
         model.config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception as e:  # an invalid generation config must not block the weights
-                LOG.warning("generation config not saved: %s", e)
+        save_generation_config(getattr(model, "generation_config", None), tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():

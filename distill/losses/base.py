@@ -188,7 +188,12 @@ class KDLoss:
         raise NotImplementedError
 
     def student_log_probs(self, batch: ChunkedBatch) -> torch.Tensor:
+        """``log softmax(z_s / T)``: ``(N_s, V_s)``."""
         return torch.log_softmax(batch.student_logits.float() / self.p.temperature, dim=-1)
+
+    def student_probs(self, batch: ChunkedBatch) -> torch.Tensor:
+        """``softmax(z_s / T)``: ``(N_s, V_s)``."""
+        return torch.softmax(batch.student_logits.float() / self.p.temperature, dim=-1)
 
 
 def make_loss(name: str, params: LossConfig, ctx: LossContext) -> KDLoss:

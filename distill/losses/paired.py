@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from distill.losses.base import ChunkedBatch, KDLoss, register_loss
-from distill.losses.primitives import chunk_mean, divergence, jsd_rows, normalize_rows, student_sorted_topk, \
-    uld_distance, weighted_chunk_mean, with_rest
+from distill.losses.primitives import chunk_mean, divergence, jsd_rows, normalize_rows, weighted_chunk_mean, \
+    with_rest
+from distill.losses.uld import chunk_uld
 
 
 class _PairedLoss(KDLoss):
@@ -27,7 +28,7 @@ class _PairedLoss(KDLoss):
 
     def forward(self, batch: ChunkedBatch) -> torch.Tensor:
         c = self.ctx
-        p_s = torch.softmax(batch.student_logits.float() / self.p.temperature, dim=-1)
+        p_s = self.student_probs(batch)
         qc = chunk_mean(p_s[:, c.pairs_s], batch.student_chunk, batch.n_chunks)
         pc = chunk_mean(batch.teacher.probs_at(c.pairs_t), batch.teacher_chunk, batch.n_chunks)
         mass = pc.sum(-1)
@@ -40,12 +41,7 @@ class _PairedLoss(KDLoss):
             qc, _ = normalize_rows(qc)
             pc, has = normalize_rows(pc)
             paired = weighted_chunk_mean(self.paired_term(pc, qc), mass, has, self.p.mass_weight)
-        sv, st = student_sorted_topk(p_s, self.p.uld_topk, c.mask_s)
-        tv, tt = batch.teacher.sorted_topk(self.p.uld_topk, c.mask_t)
-        rest = uld_distance(chunk_mean(sv, batch.student_chunk, batch.n_chunks),
-                            chunk_mean(st[:, None], batch.student_chunk, batch.n_chunks)[:, 0],
-                            chunk_mean(tv, batch.teacher_chunk, batch.n_chunks),
-                            chunk_mean(tt[:, None], batch.teacher_chunk, batch.n_chunks)[:, 0])
+        rest = chunk_uld(p_s, batch, self.p.uld_topk, c.mask_s, c.mask_t)
         return paired + self.p.uld_weight * rest.mean()
 
 

@@ -75,7 +75,7 @@ class PKLLoss(KDLoss):
             cols = self.select_columns(batch.teacher, col_mass)
         else:
             cols = self.select_columns(batch.teacher)
-        p_s = torch.softmax(batch.student_logits.float() / self.p.temperature, dim=-1)
+        p_s = self.student_probs(batch)
         q = self.ctx.projection.project(p_s, cols)  # (N_s, K)
         pt = batch.teacher.probs_at(cols)  # (N_t, K)
         qc = chunk_mean(q, batch.student_chunk, batch.n_chunks)

@@ -21,6 +21,28 @@ from distill.losses.base import ChunkedBatch, KDLoss, register_loss
 from distill.losses.primitives import chunk_mean, student_sorted_topk, uld_distance
 
 
+def chunk_uld(p_s: torch.Tensor, batch: ChunkedBatch, k: int, exclude_s: torch.Tensor | None = None,
+              exclude_t: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted ULD of each chunk: both sides' top-k sorted vectors and tail masses averaged over the chunk.
+
+    Args:
+        p_s: ``(N_s, V_s)`` student probabilities (differentiable).
+        batch: the chunked batch (its teacher distribution and chunk ids).
+        k: sorted entries compared (``0``: exact full sort).
+        exclude_s, exclude_t: ``(V_s,)`` / ``(V_t,)`` bool columns left out on each side (the paired ones
+            of ``hkl`` / ``gold``), or None.
+
+    Returns:
+        ``(C,)`` the L1 distance of each chunk (:func:`~distill.losses.primitives.uld_distance`).
+    """
+    sv, st = student_sorted_topk(p_s, k, exclude_s)
+    tv, tt = batch.teacher.sorted_topk(k, exclude_t)
+    return uld_distance(chunk_mean(sv, batch.student_chunk, batch.n_chunks),
+                        chunk_mean(st[:, None], batch.student_chunk, batch.n_chunks)[:, 0],
+                        chunk_mean(tv, batch.teacher_chunk, batch.n_chunks),
+                        chunk_mean(tt[:, None], batch.teacher_chunk, batch.n_chunks)[:, 0])
+
+
 @register_loss("uld")
 class ULDLoss(KDLoss):
     """L1 between descending-sorted distributions (top-k with tail mass; ``uld_topk=0``: exact)."""
@@ -28,11 +50,4 @@ class ULDLoss(KDLoss):
     needs = "none"
 
     def forward(self, batch: ChunkedBatch) -> torch.Tensor:
-        p_s = torch.softmax(batch.student_logits.float() / self.p.temperature, dim=-1)
-        sv, st = student_sorted_topk(p_s, self.p.uld_topk)
-        tv, tt = batch.teacher.sorted_topk(self.p.uld_topk)
-        d = uld_distance(chunk_mean(sv, batch.student_chunk, batch.n_chunks),
-                         chunk_mean(st[:, None], batch.student_chunk, batch.n_chunks)[:, 0],
-                         chunk_mean(tv, batch.teacher_chunk, batch.n_chunks),
-                         chunk_mean(tt[:, None], batch.teacher_chunk, batch.n_chunks)[:, 0])
-        return d.mean()
+        return chunk_uld(self.student_probs(batch), batch, self.p.uld_topk).mean()

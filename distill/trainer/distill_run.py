@@ -27,8 +27,8 @@ from distill.config import DistillConfig
 from distill.data import BlockOrder, blocks_fingerprint, load_documents, make_blocks
 from distill.trainer.checkpoint import checkpoint_dirs, load_state, save_state
 from distill.trainer.distill_task import DistillTask, load_teachers, teacher_sides
-from distill.trainer.loop import LoopSpec, fit
-from distill.trainer.metrics import append_jsonl, plot_metrics, truncate_metrics
+from distill.trainer.loop import LoopSpec, autocast_factory, fit, use_bf16
+from distill.trainer.metrics import append_jsonl, heldout_bpb, plot_metrics, truncate_metrics
 from distill.trainer.policy import LoraSpec, ParamSpec, Policy
 from distill.trainer.state import seed_all
 from surgery.config import diff as config_diff
@@ -95,20 +95,6 @@ def heldout_text(cfg: DistillConfig) -> str | None:
     text = "\n\n".join(docs)
     data = text.encode("utf-8")[: cfg.train.eval_max_bytes]
     return data.decode("utf-8", "ignore")
-
-
-@torch.no_grad()
-def evaluate_bpb(model, tok, text, cfg) -> float:
-    from surgery.evaluate import bits_per_byte
-
-    m = dd.unwrap(model)
-    was = m.training
-    m.eval()
-    try:
-        r = bits_per_byte(m, tok, text, max_length=cfg.train.eval_max_length, progress=False)
-    finally:
-        m.train(was)
-    return float(r.bits_per_byte)
 
 
 def param_spec(cfg: DistillConfig) -> ParamSpec:
@@ -232,11 +218,7 @@ def _run(cfg: DistillConfig, env, resume: bool, overwrite: bool, t_start: float)
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_all(tr.seed)
     device = env.device
-    use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
+    autocast = autocast_factory(device, use_bf16(tr.precision, device))
     policy = load_student(cfg, device)
     teachers = [] if cfg.loss.name == "ce" else load_teachers(cfg, s_vocab, sides, device, blocks,
                                                                blocks_fingerprint(blocks), out, env)
@@ -255,7 +237,7 @@ def _run(cfg: DistillConfig, env, resume: bool, overwrite: bool, t_start: float)
     task = DistillTask(cfg, s_tok, s_vocab, teachers, blocks, order, env, position)
 
     def evaluate(at: int) -> float:
-        bpb = evaluate_bpb(model, s_tok, heldout, cfg)
+        bpb = heldout_bpb(model, s_tok, heldout, tr.eval_max_length)
         if env.is_main:
             append_jsonl(metrics_path, {"event": "eval", "step": at, "heldout_bpb": bpb})
         return bpb

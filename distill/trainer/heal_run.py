@@ -17,7 +17,8 @@ import torch
 
 from distill.distributed import DistEnv
 from distill.trainer.checkpoint import checkpoint_dirs, load_state, save_state
-from distill.trainer.loop import LoopSpec, fit
+from distill.trainer.loop import LoopSpec, autocast_factory, fit, use_bf16
+from distill.trainer.metrics import heldout_bpb
 from distill.trainer.policy import LoraSpec, ParamSpec, Policy
 from distill.trainer.rows import row_mask
 from surgery.errors import SurgeryError
@@ -65,20 +66,6 @@ class WindowsTask:
 
     def step_metrics(self) -> dict:
         return {"tokens": self.tokens}
-
-
-def use_bf16(mode: str, device: torch.device) -> bool:
-    """bf16 autocast: on request, or (auto) on CUDA with bf16 support.
-
-    Not on CPU by default: measured on this project's 2-core AMX Xeon (SmolLM2-135M with a
-    128k vocabulary, 512 tokens per step), bf16 autocast steps took 32-65 s against 20-40 s
-    in float32 (the casts of the large embedding/head matrices cost more than they save).
-    """
-    if mode == "off":
-        return False
-    if mode == "bf16":
-        return True
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def param_spec(cfg, n_rows: int, frozen_rows: np.ndarray | None) -> ParamSpec:
@@ -155,20 +142,14 @@ def heal(model, tokenizer, texts: list[str], config, state_dir: str | Path | Non
         step, elapsed, metrics = _resume(sdir, policy.model, policy, env, task, cfg)
     policy.model.train()
     bf16 = use_bf16(cfg.autocast, device)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = autocast_factory(device, bf16)
 
     def checkpoint(at: int, secs: float) -> None:
         save_state(sdir, at, policy.model, policy, env, "ddp", {"data_rng": task.gen.get_state(), "elapsed": secs,
                    "metrics": metrics, "config": cfg.to_dict()}, keep=1)
 
     def evaluate(at: int) -> None:
-        policy.model.eval()
-        with torch.no_grad():
-            bpb = bits_per_byte(policy.model, tokenizer, eval_text, progress=False).bits_per_byte
-        policy.model.train()
-        metrics.append({"event": "eval", "step": at, "heldout_bpb": bpb})
+        metrics.append({"event": "eval", "step": at, "heldout_bpb": heldout_bpb(policy.model, tokenizer, eval_text)})
 
     spec = LoopSpec(steps=cfg.steps, seconds=cfg.minutes * 60 if cfg.minutes else None, warmup=cfg.warmup,
                     scheduler="cosine", min_lr_ratio=0.1, grad_clip=cfg.grad_clip,

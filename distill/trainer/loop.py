@@ -59,6 +59,28 @@ class LoopSpec:
     nonfinite_hint: str = "lower the learning rate, or check the inputs for NaN/Inf values"
 
 
+def use_bf16(mode: str, device: torch.device) -> bool:
+    """bf16 autocast: on request (``bf16``), or with ``auto`` on a CUDA device that supports bf16.
+
+    Not on CPU by default: measured on this project's 2-core AMX Xeon (SmolLM2-135M with a
+    128k vocabulary, 512 tokens per step), bf16 autocast steps took 32-65 s against 20-40 s
+    in float32 (the casts of the large embedding/head matrices cost more than they save).
+    Any other mode (``off``, ``fp32``) is float32.
+    """
+    if mode == "bf16":
+        return True
+    return mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast_factory(device: torch.device, bf16: bool) -> Callable[[], torch.autocast]:
+    """The ``autocast`` argument of :func:`fit`: a fresh bf16 (or disabled) autocast context per call."""
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    return autocast
+
+
 def _finite_everywhere(loss: torch.Tensor, env) -> torch.Tensor:
     """The loss, or NaN when it is non-finite on any rank (so every rank stops together)."""
     if not env.distributed:
@@ -138,4 +160,4 @@ def fit(model, task: Task, policy, spec: LoopSpec, env, step: int = 0, elapsed: 
     return step, time.time() - t_run
 
 
-__all__ = ["LoopSpec", "NonFiniteError", "Task", "fit"]
+__all__ = ["LoopSpec", "NonFiniteError", "Task", "autocast_factory", "fit", "use_bf16"]

@@ -1,9 +1,27 @@
-"""Metrics of a run: one JSON line per logged step and per evaluation, and a PNG plot of them."""
+"""Metrics of a run: held-out bits/byte, one JSON line per logged step and per evaluation, and a PNG plot."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
+
+from distill import distributed as dd
+
+
+@torch.no_grad()
+def heldout_bpb(model, tokenizer, text: str, max_length: int = 1024) -> float:
+    """Bits per byte of ``text`` under the (possibly DDP-wrapped) model in eval mode; its mode is restored."""
+    from surgery.evaluate import bits_per_byte
+
+    m = dd.unwrap(model)
+    was = m.training
+    m.eval()
+    try:
+        return float(bits_per_byte(m, tokenizer, text, max_length=max_length, progress=False).bits_per_byte)
+    finally:
+        m.train(was)
 
 
 def append_jsonl(path: Path, obj: dict) -> None:
