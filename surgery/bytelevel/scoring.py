@@ -183,31 +183,43 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False, start: i
     items = _Items(trunk, surfaces)
     trunk_at = {e: i for i, e in enumerate(items.end)}
     trees = []
-    for start, k_first, k_last in segments:
-        root = trunk_at.get(start)
+    for seg_start, k_first, k_last in segments:
+        root = trunk_at.get(seg_start)
         if root is None:  # the pieces before `start` are tokenized differently in the whole text
             root = items.path_item(blm.canon.last_piece(z[:k_first], 0)[1])
         sets = set(splits[k_first:k_last + 1])
         ahead, acc = {}, frozenset()
-        for k in range(k_last, start, -1):  # split points of the prefixes from k on
+        for k in range(k_last, seg_start, -1):  # split points of the prefixes from k on
             acc = acc | splits[k] if k >= k_first else acc
             ahead[k] = acc
-        tree = CoverTree(index, blm.canon if canonical else None, start, blm.max_nodes,
+        tree = CoverTree(index, blm.canon if canonical else None, seg_start, blm.max_nodes,
                          splits=frozenset().union(*sets), split_sets=sets, splits_from=ahead)
         tree.extend(z[:k_last])
-        node_item = [root] + [0] * (len(tree) - 1)
+        # a node ending more than the longest token before the tree's first prefix adds nothing to any of its
+        # prefixes (no token reaches past it): such nodes are kept only as ancestors of nodes that do (their rows
+        # give the path probabilities), the others are never evaluated (a context before ``start``)
+        need = [tree.end[i] + index.max_len >= k_first for i in range(len(tree))]
+        need[0] = True
+        for i in range(len(tree) - 1, 0, -1):
+            if need[i]:
+                need[tree.parent[i]] = True
+        node_item = [root] + [-1] * (len(tree) - 1)
         for i in range(1, len(tree)):
-            node_item[i] = items.child(node_item[tree.parent[i]], tree.token[i])
+            if need[i]:
+                node_item[i] = items.child(node_item[tree.parent[i]], tree.token[i])
         for i in range(len(tree)):
             it = node_item[i]
+            if it < 0:
+                continue
             m = tree.end[i]
             items.want.add(it)
             items.jmax[it] = max(items.jmax[it], k_last + 1 - m)
             top = min(k_last, m + index.max_len)
+            low = max(m, k_first)  # rows for prefixes k in low..top (none for an ancestor-only node)
             if full:
-                items.rows.setdefault(it, set()).update(range(top - m + 1))
+                items.rows.setdefault(it, set()).update(range(low - m, top - m + 1))
             else:
-                rows = [k - m for k in range(m, top + 1) if splits[k]]
+                rows = [k - m for k in range(low, top + 1) if splits[k]]
                 if rows:
                     items.rows.setdefault(it, set()).update(rows)
             if tree.parent[i] >= 0:
@@ -272,11 +284,14 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False, start: i
     for tree, node_item, k_first, k_last in trees:
         logp = [0.0] * len(tree)
         for i in range(1, len(tree)):
-            logp[i] = logp[tree.parent[i]] + child_lp[node_item[tree.parent[i]]][tree.token[i]]
+            if node_item[i] >= 0:
+                logp[i] = logp[tree.parent[i]] + child_lp[node_item[tree.parent[i]]][tree.token[i]]
         kn, vn, kz, vz = [], [], [], []  # numerator / normalizer terms (prefix length, log value)
         dk, dv = [], []  # full rows (prefix length, node weight, item, j)
         special: dict[int, list[int]] = {}  # prefix length with split points -> live nodes
         for i in range(len(tree)):
+            if node_item[i] < 0:
+                continue  # never evaluated: ends too early to reach the tree's first prefix
             nm = stats[node_item[i]]
             m = tree.end[i]
             used = tree.splits_used[i]

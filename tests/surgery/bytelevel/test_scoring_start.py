@@ -24,6 +24,11 @@ TEXTS = [
     ("a  ", "b  c!"),
     ("It's 12", "34 o'clock\n\nthen"),
     ("Grüße aus ", "Köln — 東京で"),
+    # longer than any token (SmolLM2 and Gemma-3 alike), so that tree nodes in the context are left out
+    ("These files and directories can be spread out over several devices. mount(8) serves to attach the "
+     "filesystem found on some device to the big file tree.   ", "Conversely, umount(8) detaches it again."),
+    ("Files are organized into directories; all of them are arranged in one big tree rooted at the root directo",
+     "ry, conversely unmounted."),
 ]
 
 
