@@ -25,7 +25,8 @@ Steps:
 3. Compare on the first paragraphs of the shipped held-out texts, greedy: the target alone; assisted generation
    with each transplanted draft; universal assisted generation (``assistant_model=smollm2,
    tokenizer=gemma_tok, assistant_tokenizer=smollm2_tok``: text re-tokenized between the two at every step) with
-   the original SmolLM2. Reported: acceptance rate (accepted / proposed draft tokens, counted in target tokens
+   the original SmolLM2, under :func:`universal_cache_fix` (transformers 5.x loses track of the assistant's KV
+   cache there and stops with ``cannot reshape tensor of 0 elements``; the fix is applied at call time only). Reported: acceptance rate (accepted / proposed draft tokens, counted in target tokens
    where transformers compares the draft's candidates with the target's choice), target tokens per second, and
    whether every output is identical to the target's own greedy output.
 """

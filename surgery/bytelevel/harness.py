@@ -8,8 +8,11 @@ Two :class:`lm_eval.api.model.LM` classes, registered in lm-eval's model registr
   log-probabilities of the continuation's bytes given everything before them, and it is greedy when
   every one of those bytes is the argmax of its next-byte distribution (257 outcomes, end of text
   included). Tokenization never enters: every model and every ensemble of models with different
-  vocabularies answers the same question about the same bytes. ``loglikelihood_rolling`` is the
-  prefix log-probability of the whole text; ``generate_until`` decodes byte by byte.
+  vocabularies answers the same question about the same bytes. Only the continuation's bytes are
+  scored (:func:`~surgery.bytelevel.scoring.score` with ``start=len(context)``): the choices of a
+  multiple-choice document share a context that costs each of them its trunk tokens only, no
+  covering tree per context byte. ``loglikelihood_rolling`` is the prefix log-probability of the
+  whole text; ``generate_until`` decodes byte by byte.
 - ``surgery-tokenlm`` (:class:`TokenLevelLM`) is the token-level counterpart: one Hugging Face model
   (batched, padded forward passes) or the approximate :class:`~surgery.bytelevel.ensemble.TokenEnsemble`.
   Requests are split into tokens as lm-eval's ``hf`` model splits them (the context's trailing spaces
