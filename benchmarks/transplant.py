@@ -34,6 +34,8 @@ transplant wall time), then the best method of each pair after a short CPU heal 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -81,6 +83,20 @@ def evaluate(model, tok, texts: dict, stride: int) -> dict:
 
     return {lang: bits_per_byte(model, tok, text, max_length=1024, stride=stride, progress=False).bits_per_byte
             for lang, text in texts.items()}
+
+
+@contextlib.contextmanager
+def held(lock: str | None):
+    """An exclusive ``flock`` on ``lock`` for the duration (nothing without one)."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params, teacher, out) -> None:
@@ -135,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-teachers", nargs="+", default=["none"], choices=["none", "auto"],
                     help="none: next-token CE; auto: the base model teaches through --heal-loss; one heal each")
     ap.add_argument("--heal-loss", default="alm", help="the teacher's cross-vocabulary loss (with --heal-teachers auto)")
+    ap.add_argument("--lock", default=None,
+                    help="hold this file's flock during each transplant + evaluation and each heal (lets other jobs "
+                         "that share the lock run in between, never during a timed heal)")
     ap.add_argument("--work", default=None, help="folder for transplanted checkpoints (default: a temp folder)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -152,9 +171,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     orig = {lang: None for lang in texts}
     if not args.skip_original:
-        model = load_model(args.base)
-        orig = evaluate(model, load_tokenizer(args.base), texts, args.stride)
-        del model
+        with held(args.lock):
+            model = load_model(args.base)
+            orig = evaluate(model, load_tokenizer(args.base), texts, args.stride)
+            del model
     for lang, v in ({} if args.skip_original else orig).items():
         emit({"kind": "original", "model": args.base, "lang": lang, "bits_per_byte": round(v, 4),
               "bytes": len(texts[lang].encode()), "eval_s": round(time.time() - t0, 1)})
@@ -169,14 +189,15 @@ def main(argv=None) -> int:
                 over = {**over, "omp_k": args.omp_k, "donor": pair}
             cfg = TransplantConfig(**over, cache_dir=str(default_cache_dir()))
             out = work / f"{pair}-{name}"
-            t1 = time.time()
-            rep = transplant_checkpoint(args.base, pair, str(out), cfg, overwrite=True, progress=False)
-            t_tr = time.time() - t1
-            model = load_model(out)
-            tok = load_tokenizer(out)
-            t2 = time.time()
-            bpb = evaluate(model, tok, texts, args.stride)
-            del model
+            with held(args.lock):
+                t1 = time.time()
+                rep = transplant_checkpoint(args.base, pair, str(out), cfg, overwrite=True, progress=False)
+                t_tr = time.time() - t1
+                model = load_model(out)
+                tok = load_tokenizer(out)
+                t2 = time.time()
+                bpb = evaluate(model, tok, texts, args.stride)
+                del model
             results[name] = (bpb, out)
             for lang, v in bpb.items():
                 emit({"kind": "zero_shot", "base": args.base, "tokenizer": pair, "method": name, "lang": lang,
@@ -194,8 +215,9 @@ def main(argv=None) -> int:
             heal_texts = args.heal_texts or [str(TEXTS / f"debian-reference.{lang}.train.txt") for lang in args.langs]
             for params in args.heal_params:
                 for teacher in args.heal_teachers:
-                    heal_one(args, pair, best, src, results[best][0], orig, texts, heal_texts, params, teacher,
-                             work / f"{pair}-{best}-healed-{params}-{teacher}")
+                    with held(args.lock):
+                        heal_one(args, pair, best, src, results[best][0], orig, texts, heal_texts, params, teacher,
+                                 work / f"{pair}-{best}-healed-{params}-{teacher}")
     return 0
 
 
