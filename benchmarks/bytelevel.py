@@ -20,6 +20,14 @@ CPU lock). ``--languages`` runs only the ``languages`` figure. Prints one JSON l
   a line end), and for every length in ``--lengths`` (to show the time growing linearly).
   ``ru`` is a Cyrillic text made by :func:`cyrillic_text` (the English held-out text transliterated
   letter by letter: Cyrillic script, not Russian; no Russian text ships with the project).
+  Both levels window the same tokens (1024, stride 512; ``windows_token`` / ``windows``).
+- ``renormalization`` (``--renormalization N``, with ``--languages``): why the byte level scores lower,
+  on an ``N``-byte prefix of each text (one window, full context at both levels):
+  :func:`surgery.bytelevel.canonical_mass.renormalization_gains` splits the difference between the
+  byte level and the token level into the mass canonical renormalization restores before each byte
+  (``gains_*``, bits/byte: where a prefix ends on a token boundary of the tokenizer's encoding or inside
+  a token, and where a finished pre-token piece hands its root to the tokenizer's encoding) and the
+  marginal of the text's last piece; the ten bytes with the largest gains are listed with their context.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +74,36 @@ def emit(**row) -> None:
     print(json.dumps({"benchmark": "bytelevel", **row}), flush=True)
 
 
+def renormalization_row(model, tok, name: str, lang: str, text: str) -> None:
+    """The ``renormalization`` figure for one text (see module docstring)."""
+    from surgery.bytelevel import ByteLM
+    from surgery.bytelevel.canonical_mass import renormalization_gains
+
+    blm = ByteLM(model, tok)
+    data = text.encode("utf-8")
+    t0 = time.time()
+    r = renormalization_gains(blm, data)
+    seconds = time.time() - t0
+    n, bits = len(data), 1 / math.log(2)
+    ends = set(np.cumsum([len(blm.vocab.surfaces[t]) for t in blm.canon.encode(blm.stream(data))]) - blm.offset)
+    on_end = np.array([k in ends for k in range(n)])
+    inside = ~r.piece_start
+    top = np.argsort(r.gains)[::-1][:10]
+    emit(figure="renormalization", model=name, language=lang,
+         text="cyrillic_text()" if lang == "ru" else LANG_TEXTS[lang].name, text_bytes=n,
+         token_level=round(-r.token_logprobs.sum() * bits / n, 4), byte_level=round(-r.byte_logprobs.sum() * bits / n, 4),
+         gap=round(r.gap * bits / n, 4), gains=round(r.gains.sum() * bits / n, 4),
+         gains_token_end=round(r.gains[on_end & inside].sum() * bits / n, 4),
+         gains_inside_token=round(r.gains[~on_end & inside].sum() * bits / n, 4),
+         gains_piece_end=round(r.gains[r.piece_start].sum() * bits / n, 4),
+         last_piece=round(r.last_piece * bits / n, 4), pieces=int(r.piece_start.sum()) + 1,
+         bytes_on_token_end=int(on_end.sum()), share_of_bytes_with_gain_over_0_01=round(float((r.gains > 0.01).mean()), 4),
+         top_gains=[[data[max(0, int(k) - 12):int(k)].decode("utf-8", "replace") + "|"
+                     + data[int(k):int(k) + 4].decode("utf-8", "replace"), round(float(r.gains[k]) * bits, 3)]
+                    for k in top],
+         seconds=round(seconds, 1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
@@ -83,6 +122,8 @@ def main() -> None:
     ap.add_argument("--lang-bytes", type=int, default=8000, help="bytes of each --languages text")
     ap.add_argument("--lengths", type=int, nargs="*", default=[],
                     help="also score these prefix lengths of each --languages text (time vs length)")
+    ap.add_argument("--renormalization", type=int, default=0, metavar="N",
+                    help="only the renormalization figure, on an N-byte prefix of each --languages text (0 = off)")
     args = ap.parse_args()
 
     from surgery.bytelevel import ByteLM
@@ -105,12 +146,16 @@ def main() -> None:
         bits_per_byte(model, tok, "warm-up", progress=False)
         for lang in args.languages:
             full = cyrillic_text() if lang == "ru" else LANG_TEXTS[lang].read_text(encoding="utf-8")
+            if args.renormalization:
+                renormalization_row(model, tok, name, lang, prefix_at_line(full, args.renormalization))
+                continue
             for n in sorted({args.lang_bytes, *args.lengths}):
                 piece = prefix_at_line(full, n)
                 blm = ByteLM(model, tok)  # fresh caches: a shorter prefix scored before would help
                 t0 = time.time()
-                tok_bpb = bits_per_byte(model, tok, piece, progress=False).bits_per_byte
+                tok_res = bits_per_byte(model, tok, piece, progress=False)
                 t_tok = time.time() - t0
+                tok_bpb = tok_res.bits_per_byte
                 t0 = time.time()
                 r = score(blm, piece.encode("utf-8"))
                 t_byte = time.time() - t0
@@ -120,8 +165,9 @@ def main() -> None:
                      text_bytes=r.n_bytes, token_level=round(tok_bpb, 4), byte_level=round(byte_bpb, 4),
                      ratio=round(byte_bpb / tok_bpb, 4), seconds_token=round(t_tok, 2),
                      seconds_byte=round(t_byte, 2), time_ratio=round(t_byte / t_tok, 2),
-                     trunk_tokens=r.n_trunk, branch_tokens=r.n_branch, windows=r.n_windows)
-        del blm, model
+                     trunk_tokens=r.n_trunk, branch_tokens=r.n_branch, windows=r.n_windows,
+                     windows_token=tok_res.n_windows)
+        del model
         return
     for name in args.models:
         tok = load_tokenizer(name)
