@@ -149,8 +149,6 @@ def save_final(model, tok, final: Path, cfg: DistillConfig, env, summary: dict) 
     return save_checkpoint(m, tok, final, overwrite=True, extra_files=extra)
 
 
-
-
 def train(cfg: DistillConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Run a distillation described by ``cfg`` (see module docstring).
 
@@ -199,6 +197,26 @@ def _claim_dir(cfg, out: Path, replaced: Path | None, env) -> Path | None:
     return trash
 
 
+def _set_runtime(tr) -> None:
+    """Threads, deterministic kernels and seeds of ``train`` (before any model is loaded)."""
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    if tr.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_all(tr.seed)
+
+
+def _resume(ckpt: Path, model, policy, env, metrics_path: Path) -> tuple[int, int]:
+    """Load checkpoint ``ckpt`` and drop the metric lines written after it; returns ``(step, position)``."""
+    st = load_state(ckpt, model, policy, env)
+    step, position = int(st["step"]), int(st["position"])
+    if env.is_main:
+        truncate_metrics(metrics_path, step)
+    LOG.info("resumed from %s (step %d, position %d)", ckpt, step, position)
+    return step, position
+
+
 def _run(cfg: DistillConfig, env, resume: bool, overwrite: bool, t_start: float) -> RunResult:
     tr = cfg.train
     out, ckpt, replaced = _prepare_run_dir(cfg, resume, overwrite)
@@ -211,12 +229,7 @@ def _run(cfg: DistillConfig, env, resume: bool, overwrite: bool, t_start: float)
     s_vocab = canonical_vocabulary(s_tok, cfg.student.tokenizer or cfg.student.model)
     sides = [] if cfg.loss.name == "ce" else teacher_sides(cfg, s_vocab)  # bad alignments fail before any write
     trash = _claim_dir(cfg, out, replaced, env)
-    if tr.threads:
-        torch.set_num_threads(tr.threads)
-    if tr.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_all(tr.seed)
+    _set_runtime(tr)
     device = env.device
     autocast = autocast_factory(device, use_bf16(tr.precision, device))
     policy = load_student(cfg, device)
@@ -224,15 +237,9 @@ def _run(cfg: DistillConfig, env, resume: bool, overwrite: bool, t_start: float)
                                                                blocks_fingerprint(blocks), out, env)
     model = dd.wrap(policy.model, env, cfg.distributed.strategy)
     policy.attach(model)
-    step, position, resumed_from = 0, 0, None
     metrics_path = out / "metrics.jsonl"
-    if ckpt is not None:
-        st = load_state(ckpt, model, policy, env)
-        step, position = int(st["step"]), int(st["position"])
-        resumed_from = step
-        if env.is_main:
-            truncate_metrics(metrics_path, step)
-        LOG.info("resumed from %s (step %d, position %d)", ckpt, step, position)
+    step, position = _resume(ckpt, model, policy, env, metrics_path) if ckpt is not None else (0, 0)
+    resumed_from = step if ckpt is not None else None
     dd.barrier(env)
     task = DistillTask(cfg, s_tok, s_vocab, teachers, blocks, order, env, position)
 

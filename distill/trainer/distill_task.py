@@ -184,8 +184,6 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
     return total, metrics
 
 
-
-
 class DistillTask:
     """The loop's view of a distillation: this rank's micro-batches of blocks and their loss."""
 
