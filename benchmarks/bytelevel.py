@@ -96,7 +96,8 @@ def renormalization_row(model, tok, name: str, lang: str, text: str) -> None:
          gains_token_end=round(r.gains[on_end & inside].sum() * bits / n, 4),
          gains_inside_token=round(r.gains[~on_end & inside].sum() * bits / n, 4),
          gains_piece_end=round(r.gains[r.piece_start].sum() * bits / n, 4),
-         last_piece=round(r.last_piece * bits / n, 4), pieces=int(r.piece_start.sum()) + 1,
+         last_piece=round(r.last_piece * bits / n, 4), min_gain=round(float(r.gains.min()) * bits, 6),
+         pieces=int(r.piece_start.sum()) + 1,
          bytes_on_token_end=int(on_end.sum()), share_of_bytes_with_gain_over_0_01=round(float((r.gains > 0.01).mean()), 4),
          top_gains=[[data[max(0, int(k) - 12):int(k)].decode("utf-8", "replace") + "|"
                      + data[int(k):int(k) + 4].decode("utf-8", "replace"), round(float(r.gains[k]) * bits, 3)]
