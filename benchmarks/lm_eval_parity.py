@@ -6,7 +6,8 @@ per-sample logs, and prints one JSON object per line:
 
 - SmolLM2-135M three ways: byte level (what ``surgery lm-eval --model smollm2-135m`` runs: canonical
   ByteLM), token level (``--token-level``: conditioned on the document-start token like the byte level) and
-  lm-eval's own ``--model hf pretrained=artifacts/cache/smollm2-135m`` (which adds no start token for SmolLM2):
+  lm-eval's own ``--model hf pretrained=artifacts/cache/smollm2-135m``, once as it runs by default (no start token:
+  the SmolLM2 tokenizer adds none) and once with the tokenizer set to add BOS (the byte level's conditioning):
   ``acc``, ``acc_norm`` per system; per pair the mean relative difference of the per-request log-likelihoods
   (``mean |a-b| / |b|``), the mean absolute and signed differences in nats, and how many documents get the
   same answer.
@@ -20,7 +21,7 @@ Every system runs through the real harness classes; each member's byte-level sco
 and reused by the ensemble (the ``mix`` of normalized per-byte distributions needs only the actual bytes'
 probabilities), which keeps the run under ten minutes on 2 shared cores::
 
-    flock /tmp/cpu.lock .venv/bin/python benchmarks/lm_eval_parity.py --limit 4 > benchmarks/results/lm_eval.jsonl
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/lm_eval_parity.py --limit 30 > benchmarks/results/lm_eval.jsonl
 
 Tiny CPU variant (random two-layer models with the real tokenizers; checks the plumbing only)::
 
@@ -30,6 +31,7 @@ Tiny CPU variant (random two-layer models with the real tokenizers; checks the p
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -97,7 +99,7 @@ def context_reuse(blm, res: dict, task: str, score) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="nextsent_en")
-    ap.add_argument("--limit", type=int, default=4, help="documents (each has four requests)")
+    ap.add_argument("--limit", type=int, default=30, help="documents (each has four requests)")
     ap.add_argument("--tiny", action="store_true", help="random tiny models with the real tokenizers (plumbing check)")
     ap.add_argument("--skip-ensemble", action="store_true", help="SmolLM2 parity only")
     args = ap.parse_args()
@@ -149,17 +151,28 @@ def main() -> int:
     emit(summary(f"surgery lm-eval --model {name} (byte level)", rb, args.task, sb, **common))
     rt, st = run(harness.TokenLevelLM([model], [tok]))
     emit(summary(f"surgery lm-eval --model {name} --token-level", rt, args.task, st, **common))
-    t0 = time.time()
     pretrained = model if args.tiny else str(CACHE / name)
-    rh = simple_evaluate(model="hf", model_args={"pretrained": pretrained, "tokenizer": tok, "dtype": "float32",
-                                                  "device": "cpu", "batch_size": 8},
-                         tasks=[args.task], task_manager=tm, limit=args.limit, log_samples=True)
-    emit(summary(f"lm_eval --model hf pretrained=artifacts/cache/{name}", rh, args.task, time.time() - t0,
-                 **common))
+
+    def hf(tokenizer):
+        t0 = time.time()
+        res = simple_evaluate(model="hf", model_args={"pretrained": pretrained, "tokenizer": tokenizer,
+                                                       "dtype": "float32", "device": "cpu", "batch_size": 8},
+                              tasks=[args.task], task_manager=tm, limit=args.limit, log_samples=True)
+        return res, time.time() - t0
+
+    rh, sh = hf(copy.deepcopy(tok))  # lm-eval sets a pad token on the tokenizer it is given
+    emit(summary(f"lm_eval --model hf pretrained=artifacts/cache/{name}", rh, args.task, sh,
+                 conditioning="none (lm-eval's default: the SmolLM2 tokenizer adds no BOS)", **common))
+    bos_tok = copy.deepcopy(tok)
+    bos_tok.add_bos_token = True  # the tokenizer now prepends BOS: the document start the byte level conditions on
+    rhb, shb = hf(bos_tok)
+    emit(summary(f"lm_eval --model hf pretrained=artifacts/cache/{name} (tokenizer adding BOS)", rhb, args.task,
+                 shb, conditioning=f"BOS id {bos_tok.bos_token_id}, as surgery lm-eval", **common))
     emit(compare("byte level", "token level", rb, rt, args.task))
-    row = compare("byte level", "lm-eval hf", rb, rh, args.task)
-    emit({**row, "target_mean_rel_diff": target, "meets_target": row["mean_rel_diff"] < target})
-    emit(compare("token level", "lm-eval hf", rt, rh, args.task))
+    for label, ref in (("lm-eval hf + BOS", rhb), ("lm-eval hf", rh)):
+        row = compare("byte level", label, rb, ref, args.task)
+        emit({**row, "target_mean_rel_diff": target, "meets_target": row["mean_rel_diff"] < target})
+    emit(compare("token level", "lm-eval hf + BOS", rt, rhb, args.task))
     emit(context_reuse(smol, rb, args.task, plain_score))
     if args.skip_ensemble:
         return 0
