@@ -92,11 +92,24 @@ def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.n
     return new
 
 
-def fit_bias_direction(model, old_tok, cfg, max_positions: int | None = None) -> tuple[torch.Tensor, dict] | None:
+def calibration_sequences(tokenizer, texts: list[str], max_tokens: int, device) -> list[torch.Tensor]:
+    """``(1, L)`` token ids per text, as :func:`surgery.transplant.calibration.head_inputs` feeds them."""
+    from surgery.evaluate import document_start_id
+
+    start = document_start_id(tokenizer)
+    return [torch.tensor([([start] if start is not None else [])
+                          + tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens]], device=device)
+            for t in texts]
+
+
+def fit_bias_direction(model, old_tok, cfg, max_positions: int | None = None, streamer=None
+                       ) -> tuple[torch.Tensor, dict] | None:
     """Fit the logit-bias direction of the (still unmodified) model on calibration text.
 
     ``max_positions`` caps the positions of a costly (streamed) forward; such a forward has
     no text-free fallback (sampling would stream every layer once per token): ``None`` then.
+    With a :class:`~surgery.transplant.streaming.LayerStreamer`, all texts run in lockstep and
+    every layer is read once (the same hidden states as one forward per text).
     """
     from surgery.transplant.calibration import bias_direction, default_calibration_texts, head_inputs
 
@@ -114,7 +127,10 @@ def fit_bias_direction(model, old_tok, cfg, max_positions: int | None = None) ->
         max_tokens = max(16, min(384, max_positions // len(texts)))
         if max_tokens < 384:
             LOG.info("large model: calibration capped at %d tokens per text (%d texts)", max_tokens, len(texts))
-    H = head_inputs(model, old_tok, texts, max_tokens=max_tokens)
+    if streamer is not None and texts:
+        H = streamer.head_inputs(calibration_sequences(old_tok, texts, max_tokens, streamer.device))
+    else:
+        H = head_inputs(model, old_tok, texts, max_tokens=max_tokens)
     delta, fit = bias_direction(H)
     fit["source"] = "texts" if texts else "sampled"
     if max_tokens < 384:
@@ -130,6 +146,9 @@ def streamed_bias_fn(skeleton, reader, old_tok, cfg):
     def fn(in_rows: torch.Tensor):
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         with LayerStreamer(skeleton, reader, in_rows, device=device) as ls:
-            return fit_bias_direction(ls.model, old_tok, cfg, max_positions=ls.max_positions())
+            fitted = fit_bias_direction(ls.model, old_tok, cfg, max_positions=ls.max_positions(), streamer=ls)
+            if fitted is not None:
+                fitted[1]["layer_reads"] = ls.layer_reads
+            return fitted
 
     return fn

@@ -115,6 +115,49 @@ def test_layer_streamer_matches_full_forward(tmp_path, toks):
     assert torch.equal(full, streamed)
 
 
+def test_lockstep_calibration_reads_each_layer_once_and_matches_sequential_forwards(tmp_path, toks):
+    """All calibration texts go through the streamed layers together: one read per layer instead of
+    one per text, and the hidden states of one plain forward per text, bit for bit."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from surgery.transplant.calibration import head_inputs
+    from surgery.transplant.rows import calibration_sequences
+    from surgery.transplant.streaming import LayerStreamer, model_skeleton
+
+    old_tok, _ = toks
+    base = _base(tmp_path, old_tok, tie=False, dtype=torch.float32)
+    texts = ["the cat sat on the mat", "Debian packages are built from source.", "a", "zwei Wörter und mehr"]
+    full = head_inputs(AutoModelForCausalLM.from_pretrained(base).eval(), old_tok, texts, max_tokens=5)
+    reader = CheckpointReader(base)
+    skeleton = model_skeleton(AutoConfig.from_pretrained(base))
+    with LayerStreamer(skeleton, reader, reader.get("model.embed_tokens.weight")) as ls:
+        together = ls.head_inputs(calibration_sequences(old_tok, texts, 5, ls.device))
+        assert ls.layer_reads == skeleton.config.num_hidden_layers
+        assert all(p.is_meta for p in skeleton.model.layers.parameters())
+        one_by_one = head_inputs(ls.model, old_tok, texts, max_tokens=5)
+        assert ls.layer_reads == skeleton.config.num_hidden_layers * (1 + len(texts))
+    assert together.shape[0] == sum(min(5, len(old_tok(t, add_special_tokens=False)["input_ids"])) + 1 for t in texts)
+    assert torch.equal(together, full)
+    assert torch.equal(together, one_by_one)
+
+
+def test_lockstep_calibration_error_is_raised_not_hung(tmp_path, toks):
+    from transformers import AutoConfig
+
+    from surgery.transplant.rows import calibration_sequences
+    from surgery.transplant.streaming import LayerStreamer, model_skeleton
+
+    old_tok, _ = toks
+    base = _base(tmp_path, old_tok, tie=False, dtype=torch.float32)
+    reader = CheckpointReader(base)
+    skeleton = model_skeleton(AutoConfig.from_pretrained(base))
+    with LayerStreamer(skeleton, reader, reader.get("model.embed_tokens.weight")) as ls:
+        seqs = calibration_sequences(old_tok, ["one text", "another"], 8, ls.device)
+        seqs[1] = torch.full((1, 4), 10**6)  # an id beyond the embedding: that thread fails, the other must not hang
+        with pytest.raises(IndexError):
+            ls.head_inputs(seqs)
+
+
 def test_gemma_scaled_embedding_rows_stay_in_storage_scale(tmp_path, toks):
     from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
