@@ -12,7 +12,8 @@ per-sample logs, and prints one JSON object per line:
   (``mean |a-b| / |b|``), the mean absolute and signed differences in nats, and how many documents get the
   same answer.
 - Gemma-3-270M at byte level, and the byte-level ``mix`` of SmolLM2-135M + Gemma-3-270M (weights 0.5/0.5, what
-  ``surgery lm-eval --model smollm2-135m --model gemma3-270m`` runs) with ``beats_best_member``.
+  ``surgery lm-eval --model smollm2-135m --model gemma3-270m`` runs) with ``beats_best_member`` (accuracy) and,
+  finer, the bits per byte every system gives the true continuations (``gold_bits_per_byte``).
 - Context reuse (first document, SmolLM2 at byte level): each request scored the slow way (every byte of
   ``context + continuation``, the continuation's summed) and the way the harness does it (``score(...,
   start=len(context))``: nothing built for the context's prefixes): seconds of each and the largest difference.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -59,8 +61,18 @@ def summary(name: str, res: dict, task: str, seconds: float, **extra) -> dict:
     r = res["results"][task]
     n_req = sum(len(s["filtered_resps"]) for s in res["samples"][task])
     return {"system": name, "task": task, "n_docs": len(res["samples"][task]), "acc": round(r["acc,none"], 4),
-            "acc_norm": round(r["acc_norm,none"], 4), "seconds": round(seconds, 1),
-            "seconds_per_request": round(seconds / max(n_req, 1), 2), **extra}
+            "acc_norm": round(r["acc_norm,none"], 4), "gold_bits_per_byte": round(gold_bpb(res, task), 4),
+            "seconds": round(seconds, 1), "seconds_per_request": round(seconds / max(n_req, 1), 2), **extra}
+
+
+def gold_bpb(res: dict, task: str) -> float:
+    """Bits per UTF-8 byte of the true continuations given their contexts (comparable across tokenizers)."""
+    bits = n = 0.0
+    for s in res["samples"][task]:
+        t = int(s["target"])
+        bits += -float(s["filtered_resps"][t][0]) / math.log(2)
+        n += len(s["arguments"][t][1].encode("utf-8"))
+    return bits / n
 
 
 def compare(a: str, b: str, ra: dict, rb: dict, task: str) -> dict:
@@ -184,8 +196,11 @@ def main() -> int:
     best_acc, best = max((rb["results"][args.task]["acc,none"], name), (rg["results"][args.task]["acc,none"],
                                                                          "gemma3-270m"))
     acc = re_["results"][args.task]["acc,none"]
+    best_bpb = min(gold_bpb(rb, args.task), gold_bpb(rg, args.task))
     emit(summary("surgery lm-eval --model smollm2-135m --model gemma3-270m --mode mix (byte level)", re_, args.task,
                  se, best_member=best, best_member_acc=round(best_acc, 4), beats_best_member=acc > best_acc,
+                 best_member_gold_bits_per_byte=round(best_bpb, 4),
+                 lower_gold_bits_per_byte_than_best_member=gold_bpb(re_, args.task) < best_bpb,
                  note="member scores reused: seconds exclude them", **common))
     emit(compare("ensemble", f"best member ({best})", re_, rb if best == name else rg, args.task))
     return 0
