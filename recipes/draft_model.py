@@ -76,6 +76,23 @@ def build(heal_steps: int, overwrite: bool) -> list[tuple[str, Path]]:
     return out
 
 
+def heal_label(run_dir: Path) -> str:
+    """Label of a healed draft from its run's metrics: steps and held-out bits/byte before and after."""
+    steps, bpb = 0, []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("event") == "train":
+                steps = max(steps, int(row["step"]))
+            elif row.get("event") == "eval" and "heldout_bpb" in row:
+                bpb.append(float(row["heldout_bpb"]))
+    label = f"transplanted (omp) + {steps} steps KL from the target"
+    if len(bpb) >= 2:
+        label += f" (held-out bits/byte {bpb[0]:.4f} -> {bpb[-1]:.4f})"
+    return label
+
+
 def prompts(n: int, chars: int = 240) -> list[str]:
     """The first ``chars`` characters of the first prose paragraphs of the English and German held-out texts."""
     out = []
@@ -247,7 +264,7 @@ def main() -> int:
         if args.skip_build:
             built = [("transplanted (omp)", RUNS / "smollm2-gemma3")]
             healed = sorted(RUNS.glob("smollm2-gemma3-healed/final/config.json"))
-            built += [("transplanted (omp) + KL from the target", p.parent) for p in healed]
+            built += [(heal_label(p.parent.parent), p.parent) for p in healed]
         else:
             built = build(args.heal_steps, args.overwrite)
             if args.build_only:
