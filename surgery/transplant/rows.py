@@ -24,19 +24,26 @@ _EXACT_STATS_BYTES = 1 << 30  # row statistics in one piece below this (float64)
 def row_stats(w: torch.Tensor, rows: np.ndarray, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (``(d,)`` float64) of rows ``rows`` of ``w``.
 
-    Small matrices in one piece (the exact float64 reduction); large ones in one pass over row
-    chunks with float64 sums of values and squares (work memory: two chunks).
+    Small matrices in one piece (the exact float64 reduction); large ones in one pass over
+    contiguous row chunks: float64 sums of values and squares as products with a 0/1 row
+    selector (a GEMV: 3x faster than ``sum(dtype=float64)`` of gathered rows on a 128k × 4096
+    matrix; work memory: one float64 chunk).
     """
     if len(rows) * w.shape[1] * 8 <= _EXACT_STATS_BYTES:
         x = w.detach()[torch.as_tensor(rows)].double()
         return x.mean(0), x.std(0)
-    idx = torch.as_tensor(rows)
+    sel = torch.zeros(w.shape[0], dtype=torch.float64)
+    sel[torch.as_tensor(rows)] = 1.0
     total = torch.zeros(w.shape[1], dtype=torch.float64)
     sq = torch.zeros_like(total)
-    for a in range(0, len(rows), chunk):
-        x = w.detach().index_select(0, idx[a:a + chunk])
-        total += x.sum(0, dtype=torch.float64)
-        sq += (x * x).sum(0, dtype=torch.float64)
+    for a in range(0, w.shape[0], chunk):
+        m = sel[a:a + chunk]
+        if not bool(m.any()):
+            continue
+        x = w.detach()[a:a + chunk].double()
+        total += m @ x
+        x.mul_(x)
+        sq += m @ x
     n = len(rows)
     mean = total / n
     return mean, ((sq - n * mean * mean) / max(n - 1, 1)).clamp_min(0).sqrt()
@@ -54,7 +61,11 @@ def _combine(coef, src: np.ndarray) -> np.ndarray:
     dt = np.result_type(coef.dtype, src.dtype)
     small = sp.csr_matrix((coef.data, inv.reshape(-1).astype(coef.indices.dtype), coef.indptr),
                           shape=(coef.shape[0], len(cols)))
-    return np.asarray(small @ src[cols].astype(dt, copy=False)).astype(np.float32)
+    # the used rows, upcast (exactly) by torch's threaded gather and cast: numpy's took half the time of a
+    # 262k-row 8B head; the values, hence the products and sums, are the same
+    used = torch.from_numpy(src).index_select(0, torch.from_numpy(cols.astype(np.int64)))
+    used = used.to(getattr(torch, np.dtype(dt).name)).numpy()
+    return np.asarray(small @ used).astype(np.float32)
 
 
 def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.ndarray, targets: np.ndarray,
@@ -147,8 +158,7 @@ def streamed_bias_fn(skeleton, reader, old_tok, cfg):
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         with LayerStreamer(skeleton, reader, in_rows, device=device) as ls:
             fitted = fit_bias_direction(ls.model, old_tok, cfg, max_positions=ls.max_positions(), streamer=ls)
-            if fitted is not None:
-                fitted[1]["layer_reads"] = ls.layer_reads
+            LOG.info("streamed calibration: %d decoder-layer reads", ls.layer_reads)
             return fitted
 
     return fn

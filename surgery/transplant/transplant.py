@@ -190,11 +190,12 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     gen = torch.Generator().manual_seed(cfg.seed)
     copies = ((ex_new, ex_old), (sp_new, sp_old))
     new_in = build_matrix(in_f, out_dtype, plan.coef_in, plan.source, targets, copies, V_pad, base_rows, gen)
+    del in_f  # freed here when the caller handed over its only reference (8B: 2 GB less at the peak)
     new_out = None
     if separate:
         coef_out = plan.coef_out if plan.coef_out is not None else plan.coef_in
         new_out = build_matrix(out_f, out_dtype, coef_out, plan.source, targets, copies, V_pad, base_rows, gen)
-    del in_f, out_f
+    del out_f
     if delta is not None:  # logit offsets of merged tokens, on the head rows (tied: the shared rows)
         rows = new_out if new_out is not None else new_in
         bias, d64 = torch.from_numpy(plan.out_bias).double(), delta.double()[None, :]
@@ -377,10 +378,11 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     out_f = reader.get(head_key).float() if kind == "untied" else None
     LOG.info("read %s%s (%s) from %s", emb_key, f" and {head_key}" if kind == "untied" else "", store, folder)
     t_load = time.time() - t0
-    rows = compute_rows(in_f, out_f, kind, old_tok, new_tok, cfg, donor_in=donor_in,
+    held = [in_f, out_f]
+    del in_f, out_f  # compute_rows gets the only references: it frees each old matrix once its rows are built
+    rows = compute_rows(held.pop(0), held.pop(0), kind, old_tok, new_tok, cfg, donor_in=donor_in,
                         bias_fn=streamed_bias_fn(skeleton, reader, old_tok, cfg), progress=progress,
                         out_dtype=out_dtype)
-    del in_f, out_f
     data = rows.data
     data["base_model"] = str(model_path)
     data["new_tokenizer"] = str(tokenizer_path)
