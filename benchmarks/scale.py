@@ -5,7 +5,7 @@ exact shapes of a real model and its tokenizer) and each new tokenizer, one case
 
 - ``cp``: ``cp -r`` of the checkpoint folder (the I/O floor: a transplant must at least copy it);
 - ``surgery`` with ``--method mean`` and ``--method tokenadapt`` (aux embeddings cached: the cache
-  is warmed by an unmeasured run first unless ``--cold``);
+  is first filled, unmeasured, for every token of both tokenizers unless ``--cold``);
 - ``mergekit``: ``mergekit-tokensurgeon BASE DONOR OUT -a subword --allow-crimes`` (its own virtualenv,
   see ``benchmarks/mergekit_subword.py``), the donor being the shipped model that carries the tokenizer.
 
@@ -15,7 +15,8 @@ right after. ``--verify`` checks the first surgery output of each checkpoint: ev
 bit-identical and in its input dtype, index consistent, and the output loads with plain
 ``AutoModelForCausalLM`` (fully for models under 3 GB, else on the ``meta`` device with a key check).
 One JSON line per case (``kind``: ``checkpoint``, ``case``, ``verify``).
-``scale.py --plot RESULTS.jsonl OUT.png`` draws time and memory against checkpoint size.
+``scale.py --plot [RESULTS.jsonl] OUT.png`` draws time and memory against checkpoint size
+(default results: ``benchmarks/results/scale.jsonl``).
 
     .venv/bin/python benchmarks/scale.py --models llama-3.2-3b --targets smollm2-135m --methods mean \\
         --work /tmp/scale --lock /tmp/cpu.lock --verify >> benchmarks/results/scale.jsonl
@@ -68,6 +69,24 @@ def _measure_main(timeout: int, cmd: list[str]) -> int:
     return 0
 
 
+def warm_aux_cache(base_tokenizer: str, target: str) -> dict:
+    """Fill the aux embedding cache for every token with bytes of both tokenizers (what a transplant reads)."""
+    from surgery.loading import load_tokenizer
+    from surgery.transplant.aux_embeddings import AuxEmbedder, vocab_embeddings
+    from surgery.transplant.config import TransplantConfig
+    from surgery.vocab.surfaces import canonical_vocabulary
+
+    cfg = TransplantConfig(method="tokenadapt")
+    aux = AuxEmbedder(cfg.aux_model, device="cpu", batch_size=cfg.aux_batch_size,
+                      max_seq_length=cfg.aux_max_seq_length, dtype=cfg.aux_dtype)
+    out = {}
+    for name in (base_tokenizer, target):
+        v = canonical_vocabulary(load_tokenizer(name))
+        ids = [i for i, b in enumerate(v.surfaces) if b is not None]
+        out[name] = vocab_embeddings(aux, v, ids, cfg.cache_dir)[1]["computed"]
+    return out
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
@@ -117,6 +136,7 @@ def plot(results: Path, png: Path) -> None:
 
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     rows = [r for r in rows if r.get("kind") == "case" and r.get("rc") == 0 and not r["model"].startswith("tiny")]
+    rows = list({(r["model"], r["tool"], r["target"]): r for r in rows}.values())  # the latest run of each case
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for (tool, target) in sorted({(r["tool"], r["target"]) for r in rows}):
         pts = sorted((r["checkpoint_bytes"] / 1e9, r["wall_s"], r["peak_rss_gib"]) for r in rows
@@ -139,8 +159,9 @@ def plot(results: Path, png: Path) -> None:
 def main(argv=None) -> int:
     import synthetic_checkpoint as synth
 
-    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--plot":
-        plot(Path(sys.argv[2]), Path(sys.argv[3]))
+    if argv is None and len(sys.argv) in (3, 4) and sys.argv[1] == "--plot":  # [RESULTS.jsonl] OUT.png
+        results = Path(sys.argv[2]) if len(sys.argv) == 4 else ROOT / "benchmarks" / "results" / "scale.jsonl"
+        plot(results, Path(sys.argv[-1]))
         return 0
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -184,8 +205,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = [c.replace("{out}", str(out)) for c in cmd]
                 if label.startswith("tokenadapt") and not args.cold:  # warm the aux cache (not measured)
-                    measure(cmd, args.lock, args.timeout)
-                    shutil.rmtree(out, ignore_errors=True)
+                    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", synth.MODELS[name][2],
+                                    target], check=True)
                 r = measure(cmd, args.lock, args.timeout)
                 rec = {"benchmark": "scale", "kind": "case", "model": name, "checkpoint_bytes": size,
                        "target": target, "tool": label, **r, "output_bytes": du(out)}
@@ -210,6 +231,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--warm":  # in a child: its memory is gone before the cases run
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps({"aux_computed": warm_aux_cache(sys.argv[2], sys.argv[3])}), file=sys.stderr)
+        sys.exit(0)
     if len(sys.argv) > 3 and sys.argv[1] == "--measure":
         sys.exit(_measure_main(int(sys.argv[2]), sys.argv[4:]))
     sys.exit(main())
