@@ -80,6 +80,54 @@ def add_lora(model, spec: LoraSpec):
     return get_peft_model(model, cfg)
 
 
+def _row_norms(g: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` float32 L2 norms of the rows of ``g`` along dim 0 (of a 1-D tensor: its absolute values)."""
+    if g.numel() == 0:  # e.g. a rank's FSDP shard of a tensor with fewer rows than ranks
+        return torch.zeros(0, device=g.device)
+    rows = g.detach().reshape(g.shape[0], -1) if g.dim() > 0 else g.detach().reshape(1, 1)
+    return torch.linalg.vector_norm(rows.float(), dim=-1)
+
+
+def grad_norm(grads: list[torch.Tensor]) -> float:
+    """The global L2 norm of ``grads``, the same however the tensors are split over processes.
+
+    A float32 norm of a whole ``(V, d)`` gradient (``torch.nn.utils.clip_grad_norm_``) adds V·d squares into
+    one float32 sum: once a large row is in it, the squares of the tiny softmax entries of every other row fall
+    below its rounding step and are dropped. For the tiny distillation student (a 49k × 32 tied embedding) the
+    norm came out 3.0e-4 low, and under FSDP, whose row shards each start a fresh sum, 1.8e-4 apart from one
+    process with bitwise equal gradients. Here each row's norm is taken in float32 (a short sum; under FSDP's
+    dim-0 shards the row is whole on one rank, so it is the same number) and the squares of the rows are added
+    in float64; sharded tensors (DTensor, ``Shard(0)``) are summed locally and all-reduced once.
+
+    Args:
+        grads: gradients, plain (replicated: each rank holds all of it) or FSDP-sharded DTensors.
+
+    Returns:
+        the norm (every rank gets the same value).
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not grads:
+        return 0.0
+    whole = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    sharded, mesh = None, None
+    for g in grads:
+        if isinstance(g, DTensor) and g.device_mesh.ndim == 1 and g.placements == (Shard(0),):
+            part = _row_norms(g.to_local()).double().square().sum()
+            sharded = part if sharded is None else sharded + part.to(sharded.device)
+            mesh = g.device_mesh
+        else:
+            g = g.full_tensor() if isinstance(g, DTensor) else g
+            whole = whole + _row_norms(g).double().square().sum().to(whole.device)
+    total = float(whole)
+    if sharded is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sharded, group=mesh.get_group())
+        total += float(sharded)
+    return total ** 0.5
+
+
 class Policy:
     """A :class:`ParamSpec` applied to a model: selects, steps, saves and finishes the trained parameters."""
 
@@ -138,17 +186,21 @@ class Policy:
     def has_trainable(self) -> bool:
         return bool(self.params) or (self.rows is not None and bool(self.rows.leaves()))
 
-    def clip_and_step(self, grad_clip: float) -> float:
-        """Clip all gradients jointly (0 = off), apply every optimizer, clear gradients; returns the norm."""
+    def clip(self, grad_clip: float) -> float:
+        """Scale all gradients jointly to norm ``grad_clip`` when above it (0 = off, the factor of
+        ``torch.nn.utils.clip_grad_norm_``); returns the norm before (:func:`grad_norm`)."""
         tensors = (self.rows.leaves() if self.rows is not None else []) + self.params
-        with_grad = [t for t in tensors if t.grad is not None]
-        if grad_clip > 0 and with_grad:
-            norm = torch.nn.utils.clip_grad_norm_(with_grad, grad_clip)
-        elif with_grad:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.grad.detach().float())
-                                                         for t in with_grad]))
-        else:
-            norm = torch.zeros(())
+        grads = [t.grad for t in tensors if t.grad is not None]
+        norm = grad_norm(grads)
+        if grad_clip > 0 and norm > grad_clip:
+            coef = grad_clip / (norm + 1e-6)
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+    def clip_and_step(self, grad_clip: float) -> float:
+        """:meth:`clip`, apply every optimizer, clear gradients; returns the norm before clipping."""
+        norm = self.clip(grad_clip)
         if self.rows is not None:
             self.rows.step(self.row_lr)
         if self.optimizer is not None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from distill.distributed import DistEnv
 from distill.trainer import LoopSpec, NonFiniteError, ParamSpec, Policy, fit
+from distill.trainer.policy import grad_norm
 from helpers import tiny_llama
 
 V = 300
@@ -164,3 +168,42 @@ def test_row_sparse_policy_with_a_task_whose_batches_are_not_ids():
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
     assert not torch.equal(a.get_input_embeddings().weight, tiny_llama(V, seed=8, tie=False).get_input_embeddings().weight)
+
+
+def _embedding_like_gradient() -> list[torch.Tensor]:
+    """The gradient of a tied 49k × 32 embedding (a few large rows of the batch's tokens, tiny softmax entries
+    everywhere else) and of a norm weight."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(49152, 32, generator=g) * 3e-6
+    emb[torch.randint(0, 49152, (100,), generator=g)] += torch.randn(100, 32, generator=g) * 1e-2
+    return [emb, torch.randn(32, generator=g) * 1e-2]
+
+
+def test_grad_norm_is_the_float64_norm_however_the_rows_are_split():
+    """FSDP shards every gradient by rows: the norm must not depend on the split (CONTRIBUTING.md, Tests)."""
+    grads = _embedding_like_gradient()
+    ref = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+    got = grad_norm(grads)
+    # torch.linalg.vector_norm in float32 is 2.2e-5 low here: once the sum holds a large row, the tiny squares
+    # fall below its rounding step and are dropped
+    assert got == pytest.approx(ref, rel=1e-7)
+    for cut in (1, 20000, 49151):
+        halves = grad_norm([grads[0][:cut], grads[1][:cut % 32]]), grad_norm([grads[0][cut:], grads[1][cut % 32:]])
+        assert math.hypot(*halves) == pytest.approx(got, rel=1e-14)
+    assert grad_norm([]) == 0.0
+
+
+@pytest.mark.parametrize("clip", [0.05, 100.0])
+def test_clip_scales_gradients_as_torch_clip_grad_norm(clip):
+    model = tiny_llama(V, seed=7, tie=True).float()
+    ref = copy.deepcopy(model)
+    batch = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(2))
+    policy = Policy(model, ParamSpec(dense="all"))
+    policy.attach(policy.model)
+    for m in (policy.model, ref):
+        m(input_ids=batch, labels=batch).loss.backward()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(list(ref.parameters()), clip))
+    assert policy.clip(clip) == pytest.approx(ref_norm, rel=1e-5)
+    for (n, p), q in zip(policy.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-9, msg=n)
+

@@ -119,7 +119,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_student, tiny_t
 def test_torchrun_two_cpu_processes_match_single_process(tmp_path, tiny_student, tiny_teacher, tiny_text,
                                                          saved_alignment, strategy):
     """DDP / FSDP on gloo: same global batch → same first-step loss and gradient norm as one process, and the
-    second step (after an update of replicated or sharded weights and optimizer states) too."""
+    second step (after an update of replicated or sharded weights and optimizer states) too.
+
+    The gradients are bitwise those of one process (each rank's micro-batch gradient is summed and halved, as
+    one process adds the halves; halving is exact), so only the float64 sum of the gradient norm over FSDP's
+    row shards is in another order (distill.trainer.policy.grad_norm): 1e-9 leaves room for that and for the
+    mean of the ranks' losses. A float32 norm (torch.nn.utils.clip_grad_norm_) differed here by 1.8e-4 under
+    FSDP: it drops the squares of the embedding gradient's tiny softmax entries once a large row is in the
+    sum, and each shard's sum starts afresh (CONTRIBUTING.md, Tests)."""
     cfg = base_config(tmp_path / "unused", tiny_student, tiny_teacher, tiny_text,
                       train={"steps": 2, "eval_max_bytes": 200}, loss={"name": "hkl"},
                       distributed={"strategy": strategy})
@@ -136,10 +143,9 @@ def test_torchrun_two_cpu_processes_match_single_process(tmp_path, tiny_student,
     m1 = [x for x in read_metrics(one) if x.get("event") == "train"]
     m2 = [x for x in read_metrics(two) if x.get("event") == "train"]
     assert len(m1) == len(m2) == 2
-    assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
-    # FSDP reduce-scatters gradients shard by shard (another summation order): measured 1.8e-4 relative
-    assert m2[0]["grad_norm"] == pytest.approx(m1[0]["grad_norm"], rel=1e-4 if strategy == "ddp" else 1e-3)
-    assert m2[1]["loss"] == pytest.approx(m1[1]["loss"], rel=1e-4)
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-9)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-9)
     assert (two / "final" / "model.safetensors.index.json").exists()
 
 
