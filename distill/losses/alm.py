@@ -117,15 +117,11 @@ class ALMLoss(KDLoss):
     needs = "none"
     positions = "all"  # every position of a chunk on both sides, whatever loss.chunk_positions says
     needs_targets = True  # student_targets / teacher_target_logp / chunk_complete in the ChunkedBatch
+    t_squared = False  # no T² factor: the softmax temperature does not apply
 
     @property
     def binarization_temperature(self) -> float:
         return float(getattr(self.p, "alm_temperature", ALM_TEMPERATURE))
-
-    def __call__(self, batch: ChunkedBatch) -> torch.Tensor:
-        if batch.n_chunks == 0:
-            return batch.student_logits.sum() * 0.0
-        return self.forward(batch)  # no T² factor: the softmax temperature does not apply
 
     def chunk_log_likelihoods(self, batch: ChunkedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log p_T(c), log p_S(c), valid)``, each ``(C,)``."""

@@ -169,11 +169,13 @@ class KDLoss:
     """A distillation term between one teacher and the student.
 
     Subclasses set ``needs`` (what :func:`build_context` must prepare) and implement
-    :meth:`forward`, returning the unscaled term; :meth:`__call__` applies ``T²``.
+    :meth:`forward`, returning the unscaled term; :meth:`__call__` applies ``T²`` (unless ``t_squared`` is
+    False: a loss on which the softmax temperature does not act).
     """
 
     name = ""
     needs = "projection"  # projection | reverse_projection | hkl_pairs | exact_pairs | same_vocab | none
+    t_squared = True
 
     def __init__(self, params: LossConfig, ctx: LossContext):
         self.p = params
@@ -182,7 +184,7 @@ class KDLoss:
     def __call__(self, batch: ChunkedBatch) -> torch.Tensor:
         if batch.n_chunks == 0:
             return batch.student_logits.sum() * 0.0
-        return self.forward(batch) * (self.p.temperature ** 2)
+        return self.forward(batch) * (self.p.temperature ** 2 if self.t_squared else 1.0)
 
     def forward(self, batch: ChunkedBatch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

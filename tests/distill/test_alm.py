@@ -83,6 +83,17 @@ def test_vectorized_matches_naive_loop_values_and_gradients(seed, tau):
     assert (g_fast[~b.chunk_complete[cs]] == 0).all()  # incomplete chunks are not compared
 
 
+def test_softmax_temperature_does_not_scale_alm():
+    """alm compares the student's own-token likelihoods: the KD temperature (and its T² factor) do not act on it."""
+    b = random_batch(3)
+    plain = make_loss("alm", LossConfig(name="alm"), LossContext(50, 7))(b)
+    hot = make_loss("alm", LossConfig(name="alm", temperature=2.0), LossContext(50, 7))(b)
+    slow = naive_alm(b.student_logits, b.student_chunk, b.student_targets, b.teacher_target_logp, b.teacher_chunk,
+                     b.n_chunks, b.chunk_complete, tau=100.0)
+    torch.testing.assert_close(hot.double(), slow, rtol=1e-5, atol=1e-7)
+    assert hot.item() == plain.item()
+
+
 def test_binary_ce_is_minimal_where_the_likelihoods_agree():
     log_t = torch.tensor([-0.5, -3.0, -20.0, -80.0], dtype=torch.float64)
     grid = torch.linspace(-120, -0.01, 20000, dtype=torch.float64)
