@@ -150,6 +150,9 @@ def main(argv=None) -> int:
                          "new-rows: input and head rows; lora: new rows + LoRA; all: every parameter)")
     ap.add_argument("--heal-teachers", nargs="+", default=["none"], choices=["none", "auto"],
                     help="none: next-token CE; auto: the base model teaches through --heal-loss; one heal each")
+    ap.add_argument("--heal-cells", nargs="+", default=None, metavar="PARAMS:TEACHER",
+                    help="heal exactly these cells in this order (e.g. all:none all:auto head:none) instead of the "
+                         "product of --heal-params and --heal-teachers")
     ap.add_argument("--heal-loss", default="alm", help="the teacher's cross-vocabulary loss (with --heal-teachers auto)")
     ap.add_argument("--lock", default=None,
                     help="hold this file's flock during each transplant + evaluation and each heal (lets other jobs "
@@ -157,6 +160,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="folder for transplanted checkpoints (default: a temp folder)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
+    for c in args.heal_cells or []:
+        p, _, t = c.partition(":")
+        if p not in ("head", "new-rows", "lora", "all") or t not in ("none", "auto"):
+            ap.error(f"--heal-cells: {c!r} is not PARAMS:TEACHER (head|new-rows|lora|all : none|auto)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
 
     import torch
@@ -213,11 +220,12 @@ def main(argv=None) -> int:
                 continue
             src = results[best][1]
             heal_texts = args.heal_texts or [str(TEXTS / f"debian-reference.{lang}.train.txt") for lang in args.langs]
-            for params in args.heal_params:
-                for teacher in args.heal_teachers:
-                    with held(args.lock):
-                        heal_one(args, pair, best, src, results[best][0], orig, texts, heal_texts, params, teacher,
-                                 work / f"{pair}-{best}-healed-{params}-{teacher}")
+            cells = ([tuple(c.split(":", 1)) for c in args.heal_cells] if args.heal_cells else
+                     [(p, t) for p in args.heal_params for t in args.heal_teachers])
+            for params, teacher in cells:
+                with held(args.lock):
+                    heal_one(args, pair, best, src, results[best][0], orig, texts, heal_texts, params, teacher,
+                             work / f"{pair}-{best}-healed-{params}-{teacher}")
     return 0
 
 
