@@ -326,7 +326,8 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
 
     from transformers import AutoConfig, GenerationConfig
 
-    from surgery.checkpoint import CheckpointReader, atomic_output_dir, check_output_free, write_streamed_shards
+    from surgery.checkpoint import (CheckpointReader, atomic_output_dir, check_output_free, save_generation_config,
+                                    write_streamed_shards)
     from surgery.loading import checkpoint_folder, load_tokenizer, parse_dtype
     from surgery.transplant.streaming import embedding_keys, model_skeleton
 
@@ -418,10 +419,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     with atomic_output_dir(out, overwrite) as tmp:
         index = write_streamed_shards(entries, produce, tmp, max_shard_bytes)
         mcfg.save_pretrained(tmp)
-        try:
-            gen.save_pretrained(tmp)
-        except Exception as e:  # an invalid generation config must not block the weights
-            LOG.warning("generation config not saved: %s", e)
+        save_generation_config(gen, tmp)
         rows.tokenizer.save_pretrained(tmp)
         data["stream"] = {"input_dtype": str(store).replace("torch.", ""),
                           "output_dtype": str(out_dtype).replace("torch.", ""),
