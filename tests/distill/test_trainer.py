@@ -122,11 +122,12 @@ def test_torchrun_two_cpu_processes_match_single_process(tmp_path, tiny_student,
     second step (after an update of replicated or sharded weights and optimizer states) too.
 
     The gradients are bitwise those of one process (each rank's micro-batch gradient is summed and halved, as
-    one process adds the halves; halving is exact), so only the float64 sum of the gradient norm over FSDP's
-    row shards is in another order (distill.trainer.policy.grad_norm): 1e-9 leaves room for that and for the
-    mean of the ranks' losses. A float32 norm (torch.nn.utils.clip_grad_norm_) differed here by 1.8e-4 under
-    FSDP: it drops the squares of the embedding gradient's tiny softmax entries once a large row is in the
-    sum, and each shard's sum starts afresh (CONTRIBUTING.md, Tests)."""
+    one process adds the halves; halving is exact) and so are the updated weights (the same fused AdamW kernel on
+    FSDP's shards; the per-tensor loop rounds differently), so only the float64 sum of the gradient norm over
+    FSDP's row shards is in another order (distill.trainer.policy.grad_norm): 1e-9 leaves room for that and for
+    the mean of the ranks' losses. A float32 norm (torch.nn.utils.clip_grad_norm_) differed here by 1.8e-4 under
+    FSDP: it drops the squares of the embedding gradient's tiny softmax entries once a large row is in the sum,
+    and each shard's sum starts afresh (CONTRIBUTING.md, Tests)."""
     cfg = base_config(tmp_path / "unused", tiny_student, tiny_teacher, tiny_text,
                       train={"steps": 2, "eval_max_bytes": 200}, loss={"name": "hkl"},
                       distributed={"strategy": strategy})
