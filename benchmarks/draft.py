@@ -9,7 +9,7 @@ over the target alone, and whether every output equals the target's own greedy o
 Build the drafts first, then measure (each under the machine's CPU lock)::
 
     flock /tmp/cpu.lock .venv/bin/python recipes/draft_model.py --build-only --heal-steps 8
-    flock /tmp/cpu.lock .venv/bin/python benchmarks/draft.py > benchmarks/results/draft.jsonl
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/draft.py --prompts 6 > benchmarks/results/draft.jsonl
 
 Tiny CPU variant (random models; plumbing only): ``.venv/bin/python benchmarks/draft.py --tiny``.
 """

@@ -23,6 +23,8 @@ and reused by the ensemble (the ``mix`` of normalized per-byte distributions nee
 probabilities), which keeps the run under ten minutes on 2 shared cores::
 
     flock /tmp/cpu.lock .venv/bin/python benchmarks/lm_eval_parity.py --limit 30 > benchmarks/results/lm_eval.jsonl
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/lm_eval_parity.py --task nextsent_de --limit 30 \
+        >> benchmarks/results/lm_eval.jsonl
 
 Tiny CPU variant (random two-layer models with the real tokenizers; checks the plumbing only)::
 
