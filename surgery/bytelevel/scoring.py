@@ -160,9 +160,30 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False, start: i
     off = blm.offset + start  # first prefix length whose next byte is scored
     n = len(z)
     k_hi = n if full else n - 1  # last prefix length whose next-byte distribution is needed
-    index, surfaces = blm.index, blm.vocab.surfaces
 
-    # 1. segments: prefixes sharing the start of their last piece share one covering tree
+    starts, splits, segments = _segments(blm, z, off, k_hi, canonical)
+    trunk, items, trees = _trees(blm, z, segments, starts, splits, full, canonical)
+    stats, child_lp, rows_at, n_windows = _evaluate(blm, z, trunk, items, progress, canonical)
+    num, norm, dists = _combine(blm, z, trees, stats, child_lp, rows_at, starts, splits, k_hi, full)
+    K, n_items = len(trunk), len(items.parent)
+    byte_lp = num[off:n] - norm[off:n]
+    if full:
+        dists = dists[off:] - norm[off:, None]
+    seconds = time.time() - t0
+    n_branch = n_items - K
+    LOG.info("byte-level scoring: %d bytes, %d trunk tokens, %d branch tokens, %d windows, %.1fs",
+             n - off, K - 1, n_branch, n_windows, seconds)
+    return ScoreResult(float(byte_lp.sum()), byte_lp, dists, n - off, K - 1, n_branch, n_windows, seconds)
+
+
+def _segments(blm, z: bytes, off: int, k_hi: int, canonical: bool):
+    """Step 1 of :func:`score`: the last piece's start and the split points of every scored prefix, and the
+    segments of prefixes sharing a last-piece start (one covering tree each).
+
+    Returns:
+        ``(starts, splits, segments)``: per prefix length ``k`` (``0..k_hi``) the start of its last piece and its
+        split points; ``segments`` as ``(start, k_first, k_last)``.
+    """
     starts = [0] * (k_hi + 1)
     splits = [frozenset()] * (k_hi + 1)
     if canonical:
@@ -178,7 +199,17 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False, start: i
         else:
             segments.append((starts[k], k, k))
 
-    # 2. trunk and the items (token paths) every tree node maps to
+    return starts, splits, segments
+
+
+def _trees(blm, z: bytes, segments, starts, splits, full: bool, canonical: bool):
+    """Step 2 of :func:`score`: the trunk (the canonical tokens of ``z`` after the start token), one covering tree
+    per segment, and the items (token paths) its nodes map to, with the next-byte rows each item must give.
+
+    Returns:
+        ``(trunk, items, trees)``: ``trees`` as ``(tree, node_item, k_first, k_last)``.
+    """
+    index, surfaces = blm.index, blm.vocab.surfaces
     trunk = [blm.start_id] + blm.canon.encode(z)
     items = _Items(trunk, surfaces)
     trunk_at = {e: i for i, e in enumerate(items.end)}
@@ -226,7 +257,18 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False, start: i
                 items.child_tokens.setdefault(node_item[tree.parent[i]], set()).add(tree.token[i])
         trees.append((tree, node_item, k_first, k_last))
 
-    # 3. windows over the trunk, branches evaluated with the window that owns their attach point
+    return trunk, items, trees
+
+
+def _evaluate(blm, z: bytes, trunk: list[int], items: _Items, progress: bool, canonical: bool):
+    """Step 3 of :func:`score`: windows over the trunk, each branch evaluated with the window that owns its attach
+    point; every wanted item's next-token distribution becomes :class:`NodeMasses`.
+
+    Returns:
+        ``(stats, child_lp, rows_at, n_windows)``: masses per item, the log-probabilities of each item's child
+        tokens, the ``(257,)`` next-byte masses per ``(item, j)``, and the number of windows run.
+    """
+    index = blm.index
     K = len(trunk)
     n_items = len(items.parent)
     branch_of: dict[int, list[int]] = {}
@@ -277,7 +319,17 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False, start: i
                 nm.lp = nm.cs = None  # keep only the masses
         del hidden
 
-    # 4. per prefix: numerator of the actual next byte, normalizer, full distributions
+    return stats, child_lp, rows_at, len(wins)
+
+
+def _combine(blm, z: bytes, trees, stats, child_lp, rows_at, starts, splits, k_hi: int, full: bool):
+    """Step 4 of :func:`score`: per prefix, the log numerator of the actual next byte, the log normalizer and (with
+    ``full``) the ``(257,)`` log masses, summed over the live nodes of its covering tree.
+
+    Returns:
+        ``(num, norm, dists)``: ``(k_hi + 1,)``, ``(k_hi + 1,)`` and ``(k_hi + 1, 257)`` or None.
+    """
+    n = len(z)
     num = np.full(k_hi + 1, -np.inf)
     norm = np.full(k_hi + 1, -np.inf)
     dists = np.full((k_hi + 1, 257), -np.inf) if full else None
@@ -339,11 +391,4 @@ def score(blm, data: bytes, full: bool = False, progress: bool = False, start: i
                     num[k] = ref + math.log(acc[z[k]]) if acc[z[k]] > 0 else -np.inf
                 if full:
                     dists[k] = ref + np.log(acc)
-    byte_lp = num[off:n] - norm[off:n]
-    if full:
-        dists = dists[off:] - norm[off:, None]
-    seconds = time.time() - t0
-    n_branch = n_items - K
-    LOG.info("byte-level scoring: %d bytes, %d trunk tokens, %d branch tokens, %d windows, %.1fs",
-             n - off, K - 1, n_branch, len(wins), seconds)
-    return ScoreResult(float(byte_lp.sum()), byte_lp, dists, n - off, K - 1, n_branch, len(wins), seconds)
+    return num, norm, dists
