@@ -108,81 +108,29 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     separate = head == "untied" or (tied and cfg.untie)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    # copy the caller's tokenizer only when something on it will change (a 262k copy takes seconds)
-    if (cfg.fill_special_roles and (new_tok.bos_token is None or new_tok.eos_token is None)) or \
-            cfg.add_chat_markers or (not getattr(new_tok, "chat_template", None) and getattr(old_tok, "chat_template", None)):
-        new_tok = copy.deepcopy(new_tok)
-        new_vocab = None
-    filled = fill_missing_roles(new_tok) if cfg.fill_special_roles else {}
-    added_markers = add_chat_markers(old_tok, new_tok) if cfg.add_chat_markers else []
-    t0 = time.time()
-    try:
-        old_vocab = old_vocab or canonical_vocabulary(old_tok)
-        new_vocab = new_vocab or canonical_vocabulary(new_tok)
-    except ValueError as e:
-        raise SurgeryError(f"unsupported tokenizer: {e}", "use a byte-level BPE, SentencePiece or WordPiece tokenizer") from e
-    timings["vocabularies"] = round(time.time() - t0, 2)
+    new_tok, old_vocab, new_vocab, filled, added_markers, timings["vocabularies"] = _vocabularies(
+        cfg, old_tok, new_tok, old_vocab, new_vocab)
     if len(old_vocab) > V_rows:
         LOG.warning("old tokenizer has %d ids but the model only %d rows; ids beyond are ignored", len(old_vocab), V_rows)
 
-    from surgery.vocab.projection import exact_pairs
-
     t0 = time.time()
-    ex_new, ex_old = exact_pairs(new_vocab, old_vocab)
-    ok = ex_old < V_rows
-    ex_new, ex_old = ex_new[ok], ex_old[ok]
-    sp_new, sp_old = special_token_map(old_vocab, new_vocab, old_tok, new_tok)
-    ok = sp_old < V_rows
-    sp_new, sp_old = sp_new[ok], sp_old[ok]
+    ex_new, ex_old, sp_new, sp_old, targets, unmatched_special = _match(old_vocab, new_vocab, old_tok, new_tok, V_rows)
     V_new = len(new_vocab)
-    is_copied = np.zeros(V_new, dtype=bool)
-    is_copied[ex_new] = True
-    is_copied[sp_new] = True
-    has_surface = np.fromiter((s is not None for s in new_vocab.surfaces), bool, V_new)
-    targets = np.flatnonzero(has_surface & ~is_copied)
-    special_ids = np.array(sorted(new_vocab.roles), dtype=np.int64)
-    unmatched_special = np.setdiff1d(special_ids, sp_new)
     timings["matching"] = round(time.time() - t0, 2)
     LOG.info("new vocabulary %d: %d exact, %d special matched, %d to initialize (%s)", V_new, len(ex_new),
              len(sp_new), len(targets), cfg.method)
 
-    if cfg.method == "omp":
-        if donor_in is None:
-            raise SurgeryError("method 'omp' needs a donor model", "pass --donor MODEL (a model with the new tokenizer)")
-        if donor_in.shape[0] < len(new_tok):
-            raise SurgeryError(f"donor has {donor_in.shape[0]} embedding rows but the new tokenizer {len(new_tok)} ids",
-                               "the donor must be a model trained with the new tokenizer")
-
-    aux_holder: list = []
-
-    def aux_factory():  # the aux model loads only if a method asks for it
-        if not aux_holder:
-            from surgery.transplant.aux_embeddings import AuxEmbedder
-
-            aux_holder.append(AuxEmbedder(cfg.aux_model, device=device, batch_size=cfg.aux_batch_size,
-                                          max_seq_length=cfg.aux_max_seq_length, dtype=cfg.aux_dtype))
-        return aux_holder[0]
-
     base_rows = np.flatnonzero(np.fromiter((s is not None for s in old_vocab.surfaces), bool, len(old_vocab)))
     base_rows = base_rows[base_rows < V_rows]
-    inputs = MethodInputs(old_vocab, new_vocab, in_f, out_f, targets, separate, ex_new, ex_old,
-                          cfg, aux_factory, donor_in, device, progress)
     t0 = time.time()
-    plan = METHODS[cfg.method](inputs)
-    del inputs, aux_holder[:]
+    plan = _run_method(cfg, old_vocab, new_vocab, in_f, out_f, targets, separate, (ex_new, ex_old), donor_in, device,
+                       progress, len(new_tok))
     timings["method"] = round(time.time() - t0, 2)
 
     delta = None
     if plan.out_bias is not None and np.any(plan.out_bias):
         t0 = time.time()
-        fitted = bias_fn(in_f) if bias_fn is not None else None
-        if fitted is None:
-            plan.stats["bias_direction"] = {"skipped": "no model forward or calibration text to fit it on"}
-            LOG.warning("logit offsets skipped: no model forward or calibration text to fit the bias direction")
-        else:
-            delta, fit = fitted
-            plan.stats["bias_direction"] = fit
-            plan.stats["out_bias_mean"] = round(float(plan.out_bias.mean()), 4)
+        delta = _bias_direction(plan, bias_fn, in_f)
         timings["bias_direction"] = round(time.time() - t0, 2)
 
     t0 = time.time()
@@ -196,16 +144,11 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
         coef_out = plan.coef_out if plan.coef_out is not None else plan.coef_in
         new_out = build_matrix(out_f, out_dtype, coef_out, plan.source, targets, copies, V_pad, base_rows, gen)
     del out_f
-    if delta is not None:  # logit offsets of merged tokens, on the head rows (tied: the shared rows)
-        rows = new_out if new_out is not None else new_in
-        bias, d64 = torch.from_numpy(plan.out_bias).double(), delta.double()[None, :]
-        for s in range(0, len(targets), 8192):
-            tt = torch.as_tensor(targets[s:s + 8192])
-            shift = bias[s:s + 8192][:, None] * d64
-            rows[tt] = (rows[tt].double() + shift).to(rows.dtype)
+    rows = new_out if new_out is not None else new_in  # the head rows (tied: the shared rows)
+    if delta is not None:
+        _add_logit_offsets(rows, targets, plan.out_bias, delta)
     never = new_vocab.never_emitted  # twins the tokenizer never produces (byte fallback beside an ordinary piece)
     if len(never):  # a zero head row (logit 0), so they do not take probability from their emitted twin
-        rows = new_out if new_out is not None else new_in
         rows[torch.as_tensor(never)] = 0
     template, decision, missing = chat_template_plan(old_tok, new_tok)
     if decision == "carried":
@@ -213,9 +156,133 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     timings["assemble"] = round(time.time() - t0, 2)
     timings["total"] = round(time.time() - t_start, 2)
 
+    report = _rows_report(cfg, plan, old_vocab, new_vocab, new_tok, V_rows, V_pad, ex_new, sp_new, sp_old, targets,
+                          unmatched_special, never, head, separate, tied, filled, added_markers, decision, missing,
+                          timings)
+    LOG.info("rows computed in %.1fs: %s", timings["total"], report["counts"])
+    return NewRows(new_in, new_out, new_tok, report, np.union1d(ex_new, sp_new), (sp_new, sp_old))
+
+
+def _run_method(cfg: TransplantConfig, old_vocab, new_vocab, in_f: torch.Tensor, out_f: torch.Tensor,
+                targets: np.ndarray, separate: bool, exact: tuple, donor_in, device: str, progress: bool,
+                len_new_tok: int):
+    """The init method's plan for ``targets`` (``in_f`` / ``out_f``: ``(V_rows, d)`` float32 old rows; ``exact``:
+    the exact pairs ``(new_ids, old_ids)``); the aux model loads only if the method asks for it.
+
+    Raises:
+        SurgeryError: ``omp`` without a donor, or a donor with fewer rows than the new tokenizer has ids.
+    """
+    if cfg.method == "omp":
+        if donor_in is None:
+            raise SurgeryError("method 'omp' needs a donor model", "pass --donor MODEL (a model with the new tokenizer)")
+        if donor_in.shape[0] < len_new_tok:
+            raise SurgeryError(f"donor has {donor_in.shape[0]} embedding rows but the new tokenizer {len_new_tok} ids",
+                               "the donor must be a model trained with the new tokenizer")
+    aux_holder: list = []
+
+    def aux_factory():
+        if not aux_holder:
+            from surgery.transplant.aux_embeddings import AuxEmbedder
+
+            aux_holder.append(AuxEmbedder(cfg.aux_model, device=device, batch_size=cfg.aux_batch_size,
+                                          max_seq_length=cfg.aux_max_seq_length, dtype=cfg.aux_dtype))
+        return aux_holder[0]
+
+    inputs = MethodInputs(old_vocab, new_vocab, in_f, out_f, targets, separate, exact[0], exact[1],
+                          cfg, aux_factory, donor_in, device, progress)
+    try:
+        return METHODS[cfg.method](inputs)
+    finally:
+        aux_holder.clear()  # the aux model is freed with the method's work
+
+def _bias_direction(plan, bias_fn, in_f: torch.Tensor) -> torch.Tensor | None:
+    """The ``(d,)`` logit-bias direction of the unmodified model for the plan's logit offsets (None, with a warning
+    and a note in the plan's stats, when there is nothing to fit it on)."""
+    fitted = bias_fn(in_f) if bias_fn is not None else None
+    if fitted is None:
+        plan.stats["bias_direction"] = {"skipped": "no model forward or calibration text to fit it on"}
+        LOG.warning("logit offsets skipped: no model forward or calibration text to fit the bias direction")
+        return None
+    delta, fit = fitted
+    plan.stats["bias_direction"] = fit
+    plan.stats["out_bias_mean"] = round(float(plan.out_bias.mean()), 4)
+    return delta
+
+
+def _vocabularies(cfg: TransplantConfig, old_tok, new_tok, old_vocab, new_vocab):
+    """The tokenizer to save (a copy of ``new_tok`` when roles, chat markers or a template will change on it) and
+    both canonical vocabularies.
+
+    Returns:
+        ``(new_tok, old_vocab, new_vocab, filled_roles, added_markers, seconds)``.
+
+    Raises:
+        SurgeryError: a tokenizer family the core cannot read.
+    """
+    # copy the caller's tokenizer only when something on it will change (a 262k copy takes seconds)
+    if (cfg.fill_special_roles and (new_tok.bos_token is None or new_tok.eos_token is None)) or \
+            cfg.add_chat_markers or (not getattr(new_tok, "chat_template", None) and getattr(old_tok, "chat_template", None)):
+        new_tok = copy.deepcopy(new_tok)
+        new_vocab = None
+    filled = fill_missing_roles(new_tok) if cfg.fill_special_roles else {}
+    added_markers = add_chat_markers(old_tok, new_tok) if cfg.add_chat_markers else []
+    t0 = time.time()
+    try:
+        old_vocab = old_vocab or canonical_vocabulary(old_tok)
+        new_vocab = new_vocab or canonical_vocabulary(new_tok)
+    except ValueError as e:
+        raise SurgeryError(f"unsupported tokenizer: {e}", "use a byte-level BPE, SentencePiece or WordPiece tokenizer") from e
+    return new_tok, old_vocab, new_vocab, filled, added_markers, round(time.time() - t0, 2)
+
+
+def _match(old_vocab, new_vocab, old_tok, new_tok, V_rows: int):
+    """Which new rows are copied and which are initialized.
+
+    Returns:
+        ``(ex_new, ex_old, sp_new, sp_old, targets, unmatched_special)``: exact pairs (the core's emitted ids) and
+        special tokens matched by role, both limited to old ids below ``V_rows``; ``targets`` the new ids with bytes
+        that are not copied; ``unmatched_special`` the new special ids without an old counterpart.
+    """
+    from surgery.vocab.projection import exact_pairs
+
+    ex_new, ex_old = exact_pairs(new_vocab, old_vocab)
+    ok = ex_old < V_rows
+    ex_new, ex_old = ex_new[ok], ex_old[ok]
+    sp_new, sp_old = special_token_map(old_vocab, new_vocab, old_tok, new_tok)
+    ok = sp_old < V_rows
+    sp_new, sp_old = sp_new[ok], sp_old[ok]
+    V_new = len(new_vocab)
+    is_copied = np.zeros(V_new, dtype=bool)
+    is_copied[ex_new] = True
+    is_copied[sp_new] = True
+    has_surface = np.fromiter((s is not None for s in new_vocab.surfaces), bool, V_new)
+    targets = np.flatnonzero(has_surface & ~is_copied)
+    special_ids = np.array(sorted(new_vocab.roles), dtype=np.int64)
+    return ex_new, ex_old, sp_new, sp_old, targets, np.setdiff1d(special_ids, sp_new)
+
+
+def _add_logit_offsets(rows: torch.Tensor, targets: np.ndarray, out_bias: np.ndarray, delta: torch.Tensor) -> None:
+    """Shift the head rows of ``targets`` along the logit-bias direction, in place (float64, then ``rows``' dtype).
+
+    Args:
+        rows: ``(V_pad, d)`` head rows.
+        targets: ``(T,)`` new ids; ``out_bias``: ``(T,)`` their logit offsets; ``delta``: ``(d,)`` the direction.
+    """
+    bias, d64 = torch.from_numpy(out_bias).double(), delta.double()[None, :]
+    for s in range(0, len(targets), 8192):
+        tt = torch.as_tensor(targets[s:s + 8192])
+        shift = bias[s:s + 8192][:, None] * d64
+        rows[tt] = (rows[tt].double() + shift).to(rows.dtype)
+
+
+def _rows_report(cfg, plan, old_vocab, new_vocab, new_tok, V_rows, V_pad, ex_new, sp_new, sp_old, targets,
+                 unmatched_special, never, head, separate, tied, filled, added_markers, decision, missing,
+                 timings) -> dict:
+    """The JSON-able report of :func:`compute_rows` (``config_ids`` is filled by the caller)."""
+    V_new = len(new_vocab)
     src_counts = {name: int((plan.source == code).sum()) for code, name in SOURCE_NAMES.items()
                   if (plan.source == code).any()}
-    report = {
+    return {
         "method": cfg.method,
         "parameters": cfg.to_dict(),
         "old_vocab": {"size": len(old_vocab), "family": old_vocab.family, "hash": old_vocab.hash, "rows": V_rows},
@@ -240,8 +307,6 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
         "method_stats": plan.stats,
         "timings_s": timings,
     }
-    LOG.info("rows computed in %.1fs: %s", timings["total"], report["counts"])
-    return NewRows(new_in, new_out, new_tok, report, np.union1d(ex_new, sp_new), (sp_new, sp_old))
 
 
 def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, donor=None,
@@ -336,27 +401,8 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     check_output_free(out, overwrite, inputs=(model_path, tokenizer_path, old_tokenizer))
     convert = parse_dtype(dtype) if dtype else None
     new_tok = load_tokenizer(tokenizer_path)
-    if cfg.method.startswith("tokenadapt"):
-        from surgery.transplant.aux_embeddings import resolve_aux_model
-
-        src = resolve_aux_model(cfg.aux_model)
-        if (src.startswith((".", "/", "~")) or cfg.aux_model == "minilm") and not Path(src).expanduser().exists():
-            raise SurgeryError(f"aux model {cfg.aux_model!r} not found at {src!r}",
-                               "run `surgery assets`, or pass --aux-model with a sentence-transformers folder")
+    _check_method_inputs(cfg, new_tok, tokenizer_path)
     donor_in = None
-    if cfg.method == "omp":
-        donor_tok = None
-        try:
-            donor_tok = load_tokenizer(cfg.donor)
-        except SurgeryError:
-            LOG.warning("donor %s has no tokenizer; cannot check that it speaks the new tokenizer", cfg.donor)
-        if donor_tok is not None:
-            from surgery.vocab.surfaces import tokenizer_hash
-
-            if tokenizer_hash(donor_tok) != tokenizer_hash(new_tok) and len(donor_tok) != len(new_tok):
-                raise SurgeryError(f"donor {cfg.donor!r} has a different tokenizer ({len(donor_tok)} ids) than "
-                                   f"{tokenizer_path!r} ({len(new_tok)} ids)",
-                                   "the donor must be a model trained with the new tokenizer")
     folder = checkpoint_folder(model_path)
     old_tok = load_tokenizer(old_tokenizer or folder)
     reader = CheckpointReader(folder)
@@ -400,15 +446,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     new = {emb_key: rows.new_in}
     if rows.new_out is not None:
         new[head_key or head_name] = rows.new_out
-    entries = []
-    for k in reader.keys:
-        if k in new:
-            entries.append((k, out_dtype, list(new[k].shape)))
-        elif k != head_key:  # a stored head of a model that stays tied is dropped (transformers ties on load)
-            dt = reader.dtype(k)
-            entries.append((k, convert if convert is not None and dt.is_floating_point else dt, reader.shape(k)))
-    if head_key is None and head_name in new:  # a tied head untied on request: a new tensor
-        entries.append((head_name, out_dtype, list(rows.new_out.shape)))
+    entries = _output_entries(reader, new, head_key, head_name, out_dtype, convert)
 
     def produce(k: str) -> torch.Tensor:
         t = new[k] if k in new else reader.get(k)
@@ -433,3 +471,51 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
         (tmp / ROWS_FILE).write_text(rows_file_content(rows.copied, data["new_vocab"]["rows_padded"]))
     LOG.info("wrote %s (%d shards) in %.1fs", out, data["stream"]["shards"], data["timings_s"]["wall"])
     return data
+
+
+def _check_method_inputs(cfg: TransplantConfig, new_tok, tokenizer_path: str) -> None:
+    """Before any expensive work: the aux model of ``tokenadapt`` exists, and an ``omp`` donor speaks the new
+    tokenizer (same tokenizer hash or the same number of ids).
+
+    Raises:
+        SurgeryError: either is not so.
+    """
+    from surgery.loading import load_tokenizer
+
+    if cfg.method.startswith("tokenadapt"):
+        from surgery.transplant.aux_embeddings import resolve_aux_model
+
+        src = resolve_aux_model(cfg.aux_model)
+        if (src.startswith((".", "/", "~")) or cfg.aux_model == "minilm") and not Path(src).expanduser().exists():
+            raise SurgeryError(f"aux model {cfg.aux_model!r} not found at {src!r}",
+                               "run `surgery assets`, or pass --aux-model with a sentence-transformers folder")
+    if cfg.method == "omp":
+        donor_tok = None
+        try:
+            donor_tok = load_tokenizer(cfg.donor)
+        except SurgeryError:
+            LOG.warning("donor %s has no tokenizer; cannot check that it speaks the new tokenizer", cfg.donor)
+        if donor_tok is not None:
+            from surgery.vocab.surfaces import tokenizer_hash
+
+            if tokenizer_hash(donor_tok) != tokenizer_hash(new_tok) and len(donor_tok) != len(new_tok):
+                raise SurgeryError(f"donor {cfg.donor!r} has a different tokenizer ({len(donor_tok)} ids) than "
+                                   f"{tokenizer_path!r} ({len(new_tok)} ids)",
+                                   "the donor must be a model trained with the new tokenizer")
+
+
+def _output_entries(reader, new: dict, head_key: str | None, head_name: str, out_dtype: torch.dtype,
+                    convert: torch.dtype | None) -> list[tuple[str, torch.dtype, list[int]]]:
+    """``(name, dtype, shape)`` of every output tensor, in the input's order: the new embedding / head rows in
+    ``out_dtype``, every other tensor in its own dtype (``convert`` for floating point when given); a stored head of
+    a model that stays tied is dropped, a head untied on request is added at the end."""
+    entries = []
+    for k in reader.keys:
+        if k in new:
+            entries.append((k, out_dtype, list(new[k].shape)))
+        elif k != head_key:  # a stored head of a model that stays tied is dropped (transformers ties on load)
+            dt = reader.dtype(k)
+            entries.append((k, convert if convert is not None and dt.is_floating_point else dt, reader.shape(k)))
+    if head_key is None and head_name in new:  # a tied head untied on request: a new tensor
+        entries.append((head_name, out_dtype, list(new[head_name].shape)))
+    return entries
