@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from surgery.transplant.neighbours import search_operands
+
 LOG = logging.getLogger(__name__)
 
 MIN_GEMM = 64  # rows and columns of every float32 GEMM (MKL's kernels change below 4 rows / 16 columns)
@@ -81,16 +83,10 @@ def topk_inner_product_certified(queries: torch.Tensor | np.ndarray, keys: torch
         ``(scores, indices)``, both ``(Q, k)``, best first (equal scores: lower index first);
         ``scores`` float32 (bit for bit those of a full float32 search), ``indices`` int64.
     """
-    q = torch.as_tensor(queries, dtype=torch.float32).contiguous()
-    kk = torch.as_tensor(keys, dtype=torch.float32).contiguous()
-    if q.ndim != 2 or kk.ndim != 2 or q.shape[1] != kk.shape[1]:
-        raise ValueError(f"queries {tuple(q.shape)} and keys {tuple(kk.shape)} must be (Q, D) and (K, D)")
-    n_q, n_k = q.shape[0], kk.shape[0]
-    k = min(k, n_k)
-    scores = torch.empty(n_q, k, dtype=torch.float32)
-    idx = torch.empty(n_q, k, dtype=torch.int64)
-    if n_q == 0 or k == 0:
+    q, kk, k, scores, idx = search_operands(queries, keys, k)
+    if scores.numel() == 0:
         return scores, idx
+    n_q, n_k = q.shape[0], kk.shape[0]
     m = min(n_k, max(shortlist, k + 8))
     with torch.inference_mode():
         if m >= n_k // 2:  # shortlisting would not save work: one exact pass

@@ -16,6 +16,27 @@ from tqdm.auto import tqdm
 LOG = logging.getLogger(__name__)
 
 
+def search_operands(queries, keys, k: int):
+    """The float32 operands of a top-k search and its empty outputs.
+
+    Args:
+        queries: ``(Q, D)``; keys: ``(K, D)`` (arrays or tensors); k: neighbours per query.
+
+    Returns:
+        ``(q, keys, k, scores, indices)``: contiguous float32 ``(Q, D)`` and ``(K, D)``, ``k`` clipped to ``K``,
+        and uninitialized ``(Q, k)`` float32 scores and int64 indices.
+
+    Raises:
+        ValueError: shapes that are not ``(Q, D)`` and ``(K, D)``.
+    """
+    q = torch.as_tensor(queries, dtype=torch.float32).contiguous()
+    kk = torch.as_tensor(keys, dtype=torch.float32).contiguous()
+    if q.ndim != 2 or kk.ndim != 2 or q.shape[1] != kk.shape[1]:
+        raise ValueError(f"queries {tuple(q.shape)} and keys {tuple(kk.shape)} must be (Q, D) and (K, D)")
+    k = min(k, kk.shape[0])
+    return q, kk, k, torch.empty(q.shape[0], k, dtype=torch.float32), torch.empty(q.shape[0], k, dtype=torch.int64)
+
+
 def topk_inner_product(
     queries: torch.Tensor | np.ndarray,
     keys: torch.Tensor | np.ndarray,
@@ -42,17 +63,11 @@ def topk_inner_product(
         ``(scores, indices)``, both ``(Q, k)``, best first (equal scores: lower index first);
         ``scores`` float32, ``indices`` int64.
     """
-    q = torch.as_tensor(queries, dtype=torch.float32)
-    kk = torch.as_tensor(keys, dtype=torch.float32)
-    if q.ndim != 2 or kk.ndim != 2 or q.shape[1] != kk.shape[1]:
-        raise ValueError(f"queries {tuple(q.shape)} and keys {tuple(kk.shape)} must be (Q, D) and (K, D)")
+    q, kk, k, scores, idx = search_operands(queries, keys, k)
+    if scores.numel() == 0:
+        return scores, idx
     dev = torch.device(device) if device is not None else torch.device("cpu")
     n_q, n_k = q.shape[0], kk.shape[0]
-    k = min(k, n_k)
-    scores = torch.empty(n_q, k, dtype=torch.float32)
-    idx = torch.empty(n_q, k, dtype=torch.int64)
-    if n_q == 0 or k == 0:
-        return scores, idx
     kd = kk.to(dev, dtype)
     block = max(1, min(n_q, max_block_bytes // (4 * n_k)))
     with torch.inference_mode():
