@@ -272,7 +272,7 @@ def test_output_dir_rules(tmp_path, tiny_student, tiny_teacher, tiny_text):
     assert r.final_dir.exists() and not list(tmp_path.glob(".run.replaced-*"))
 
 
-@pytest.mark.parametrize("name", ["pkl", "hkl", "tkl", "uld", "gold"])
+@pytest.mark.parametrize("name", ["pkl", "hkl", "tkl", "uld", "gold", "alm"])
 def test_every_cross_vocab_loss_trains_one_micro_batch(name, tiny_student, tiny_teacher, tiny_text):
     """One micro-batch through the real pieces: encode, align, teacher forward, loss, backward."""
     import contextlib

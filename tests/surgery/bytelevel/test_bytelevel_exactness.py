@@ -48,6 +48,18 @@ def _close(lp: torch.Tensor, ref: np.ndarray) -> float:
     return float(np.abs(np.log(got[sel]) - np.log(ref[sel])).max())
 
 
+def _check_against_brute_force(blm, brute, mode: str, x: str) -> None:
+    """Every next-byte distribution of ``x`` equals the brute-force one, and ``logprob`` their chain."""
+    data = x.encode()
+    chain = 0.0
+    for i in range(len(data) + 1):
+        ref = brute.next_bytes(blm.stream(data[:i]), mode)
+        assert _close(blm.next_byte_logprobs(data[:i]), ref) < TOL, (mode, x, i)
+        if i < len(data):
+            chain += math.log(ref[data[i]])
+    assert abs(blm.logprob(data) - chain) < TOL, (mode, x)
+
+
 @pytest.mark.parametrize("mode", ["exact", "canonical"])
 def test_matches_brute_force(setup, mode):
     lms, brute, strings = setup
@@ -55,13 +67,7 @@ def test_matches_brute_force(setup, mode):
     for x in strings[mode]:
         data = x.encode()
         assert len(data) <= 8
-        chain = 0.0
-        for i in range(len(data) + 1):
-            ref = brute.next_bytes(blm.stream(data[:i]), mode)
-            assert _close(blm.next_byte_logprobs(data[:i]), ref) < TOL, (mode, x, i)
-            if i < len(data):
-                chain += math.log(ref[data[i]])
-        assert abs(blm.logprob(data) - chain) < TOL, (mode, x)
+        _check_against_brute_force(blm, brute, mode, x)
         if mode == "exact":  # the true marginal, straight from its definition
             assert abs(blm.logprob(data) - brute.prefix_logprob_exact(data)) < TOL
 
@@ -76,14 +82,7 @@ def test_matches_brute_force_non_ascii(setup, mode):
     lms, brute, _ = setup
     blm = lms[mode]
     for x in NON_ASCII[mode]:
-        data = x.encode()
-        chain = 0.0
-        for i in range(len(data) + 1):
-            ref = brute.next_bytes(blm.stream(data[:i]), mode)
-            assert _close(blm.next_byte_logprobs(data[:i]), ref) < TOL, (mode, x, i)
-            if i < len(data):
-                chain += math.log(ref[data[i]])
-        assert abs(blm.logprob(data) - chain) < TOL, (mode, x)
+        _check_against_brute_force(blm, brute, mode, x)
 
 
 @pytest.mark.parametrize("setup", ["sentencepiece"], indirect=True)
