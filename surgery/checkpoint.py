@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from surgery.byte_copy import SourceBytes, copy_bytes, write_all
 from surgery.errors import SurgeryError
 from surgery.files import check_safetensors_complete, pid_alive
 
@@ -319,6 +320,7 @@ class CheckpointReader:
 
     Attributes:
         keys: tensor names in storage order (shard by shard, by offset).
+        checked: names of the tensors read and found finite so far (:meth:`source` may copy them as bytes).
     """
 
     def __init__(self, folder: str | Path):
@@ -326,6 +328,7 @@ class CheckpointReader:
         validate_model_folder(self.folder)
         self._where: dict[str, tuple[Path, int, int, str, list[int]]] = {}
         self.keys: list[str] = []
+        self.checked: set[str] = set()
         files = weight_files(self.folder)
         for f in files:
             header, start = _read_header(f)
@@ -379,7 +382,19 @@ class CheckpointReader:
         t = (torch.frombuffer(buf, dtype=_ST_DTYPES[dt]) if n else torch.empty(0, dtype=_ST_DTYPES[dt])).reshape(shape)
         if check:
             check_finite(key, t)
+            self.checked.add(key)
         return t
+
+    def source(self, key: str) -> SourceBytes:
+        """Where ``key``'s stored bytes are, for :func:`write_streamed_shards` to copy them unread.
+
+        Raises:
+            SurgeryError: ``key`` was not read and checked by :meth:`get` first.
+        """
+        if key not in self.checked:
+            raise SurgeryError(f"tensor {key!r} would be copied unchecked", "this is a bug; please report it")
+        path, off, n, _, _ = self._where[key]
+        return SourceBytes(path, off, n, key)
 
 
 def _shard_plan(entries: list[tuple[str, torch.dtype, list[int]]], max_shard_bytes: int) -> list[list[int]]:
@@ -401,7 +416,8 @@ def write_streamed_shards(entries: list[tuple[str, torch.dtype, list[int]]], pro
 
     Args:
         entries: ``(name, dtype, shape)`` of every output tensor, in output order.
-        produce: ``produce(name) -> tensor`` called once per tensor, in order (one tensor in flight).
+        produce: ``produce(name) -> tensor`` called once per tensor, in order (one tensor in flight), or
+            ``-> SourceBytes`` (:meth:`CheckpointReader.source`): stored bytes, copied file to file.
         max_shard_bytes: shard size limit (a single larger tensor gets a shard of its own).
         groups: explicit shards (lists of indices into ``entries``) instead of the size limit.
 
@@ -423,20 +439,27 @@ def write_streamed_shards(entries: list[tuple[str, torch.dtype, list[int]]], pro
             off += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        with open(folder / name, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+        with open(folder / name, "wb", buffering=0) as f:
+            fd = f.fileno()
+            write_all(fd, struct.pack("<Q", len(raw)) + raw)
             for i in idxs:
                 k, dt, shape = entries[i]
+                n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
                 t = produce(k)
-                if t.dtype != dt or list(t.shape) != list(shape):
-                    raise SurgeryError(f"tensor {k!r} came out {t.dtype} {list(t.shape)}, planned {dt} {shape}",
-                                       "this is a bug; please report it")
-                t = t.detach().to("cpu").contiguous()
-                if t.numel():
-                    f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                if isinstance(t, SourceBytes):
+                    if t.nbytes != n:
+                        raise SurgeryError(f"tensor {k!r} has {t.nbytes} stored bytes, planned {n}",
+                                           "this is a bug; please report it")
+                    copy_bytes(t, fd)
+                else:
+                    if t.dtype != dt or list(t.shape) != list(shape):
+                        raise SurgeryError(f"tensor {k!r} came out {t.dtype} {list(t.shape)}, planned {dt} {shape}",
+                                           "this is a bug; please report it")
+                    t = t.detach().to("cpu").contiguous()
+                    if t.numel():
+                        write_all(fd, t.view(torch.uint8).reshape(-1).numpy())
                 weight_map[k] = name
-                total += t.numel() * t.element_size()
+                total += n
                 del t
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -35,6 +35,24 @@ def default_calibration_texts(max_chars: int = 4000) -> list[str]:
     return out
 
 
+def length_groups(seqs: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of the ``(1, L)`` sequences of each length, in order of first appearance: each group
+    runs as one ``(n, L)`` batch (no padding), one pass over the weights for all its sequences."""
+    groups: dict[int, list[int]] = {}
+    for j, s in enumerate(seqs):
+        groups.setdefault(int(s.shape[-1]), []).append(j)
+    return list(groups.values())
+
+
+def ungroup(groups: list[list[int]], states: list[torch.Tensor]) -> torch.Tensor:
+    """``(Σ L_i, d)``: the states of each group's batch (``(n_b · L_b, d)``) back in sequence order."""
+    out: list[torch.Tensor | None] = [None] * sum(len(g) for g in groups)
+    for g, h in zip(groups, states):
+        for j, part in zip(g, h.chunk(len(g))):
+            out[j] = part
+    return torch.cat(out)
+
+
 class _Stop(Exception):
     """Raised by the head's pre-hook: the head inputs are all we need, the logits are skipped."""
 
@@ -46,7 +64,10 @@ def head_inputs(model, tokenizer, texts: list[str], max_tokens: int = 384, sampl
 
     Uses a forward pre-hook on the head, so architecture details (final norm, soft-capping
     after the head) do not matter, and stops the forward there (no logits are computed).
-    Without texts, the model samples ``sample_tokens`` tokens from its document-start token.
+    Texts whose token counts are equal run as one batch (:func:`length_groups`; the rows of a
+    batch equal those of one forward per text on CPU for the shipped models, not for tiny ones,
+    whose GEMMs take other kernels). Without texts, the model samples ``sample_tokens`` tokens
+    from its document-start token.
     """
     from surgery.evaluate import document_start_id
 
@@ -70,16 +91,17 @@ def head_inputs(model, tokenizer, texts: list[str], max_tokens: int = 384, sampl
         prompt = torch.tensor([[start if start is not None else 0]] * 4, device=device)
         seqs.append(model.generate(prompt, max_new_tokens=sample_tokens // 4, do_sample=True, temperature=1.0,
                                    top_k=0, pad_token_id=start or 0))
+    groups = length_groups(seqs)
     hook = head.register_forward_pre_hook(grab)
     try:
-        for ids in seqs:
+        for g in groups:
             try:
-                model(input_ids=ids)
+                model(input_ids=torch.cat([seqs[j] for j in g]))
             except _Stop:
                 pass
     finally:
         hook.remove()
-    return torch.cat(grabbed)
+    return ungroup(groups, grabbed)
 
 
 def bias_direction(hidden: torch.Tensor, ridge: float = 100.0) -> tuple[torch.Tensor, dict]:

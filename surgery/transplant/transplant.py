@@ -297,7 +297,8 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     Only the input embedding and the output head are read into memory (their names come from
     the config: the model is built on the ``meta`` device); every other tensor is copied shard
     by shard, bit for bit, in its own dtype (``dtype`` converts floating-point tensors when
-    given). Every tensor is checked for NaN/inf as it is read, the embedding and head before
+    given); tensors the calibration forward already read and checked are copied file to file
+    (:mod:`surgery.byte_copy`). Every tensor is checked for NaN/inf as it is read, the embedding and head before
     any other work. Everything is validated before the expensive work (output free,
     tokenizers load, shard headers and index consistent, aux model and donor present);
     nothing is written unless the whole run succeeds.
@@ -369,7 +370,12 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
         new[head_key or head_name] = rows.new_out
     entries = _output_entries(reader, new, head_key, head_name, out_dtype, convert)
 
-    def produce(k: str) -> torch.Tensor:
+    copied_as_bytes = []
+
+    def produce(k: str):
+        if k not in new and convert is None and k in reader.checked:  # read and checked by the calibration forward
+            copied_as_bytes.append(k)
+            return reader.source(k)
         t = new[k] if k in new else reader.get(k)
         return t.to(convert) if convert is not None and t.is_floating_point() else t
 
@@ -383,6 +389,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
         data["stream"] = {"input_dtype": str(store).replace("torch.", ""),
                           "output_dtype": str(out_dtype).replace("torch.", ""),
                           "tensors": len(entries), "tensors_passed_through": len(entries) - len(new),
+                          "tensors_copied_as_bytes": len(copied_as_bytes),
                           "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"]}
         data["timings_s"]["save"] = round(time.time() - t1, 2)
         data["timings_s"]["wall"] = round(time.time() - t0, 2)

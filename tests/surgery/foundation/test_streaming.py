@@ -115,18 +115,21 @@ def test_layer_streamer_matches_full_forward(tmp_path, toks):
     assert torch.equal(full, streamed)
 
 
-def test_lockstep_calibration_reads_each_layer_once_and_matches_sequential_forwards(tmp_path, toks):
+def test_lockstep_calibration_reads_each_layer_once_and_matches_the_in_memory_forward(tmp_path, toks):
     """All calibration texts go through the streamed layers together: one read per layer instead of
-    one per text, and the hidden states of one plain forward per text, bit for bit."""
+    one per text (texts of one length as one batch, the others in lockstep), and the hidden states of
+    the in-memory calibration forward bit for bit."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from surgery.transplant.calibration import head_inputs
+    from surgery.transplant.calibration import head_inputs, length_groups
     from surgery.transplant.rows import calibration_sequences
     from surgery.transplant.streaming import LayerStreamer, model_skeleton
 
     old_tok, _ = toks
     base = _base(tmp_path, old_tok, tie=False, dtype=torch.float32)
     texts = ["the cat sat on the mat", "Debian packages are built from source.", "a", "zwei Wörter und mehr"]
+    n_groups = len(length_groups(calibration_sequences(old_tok, texts, 5, "cpu")))
+    assert 1 < n_groups < len(texts)  # both paths: a batch of equal lengths and a thread per length
     full = head_inputs(AutoModelForCausalLM.from_pretrained(base).eval(), old_tok, texts, max_tokens=5)
     reader = CheckpointReader(base)
     skeleton = model_skeleton(AutoConfig.from_pretrained(base))
@@ -134,8 +137,8 @@ def test_lockstep_calibration_reads_each_layer_once_and_matches_sequential_forwa
         together = ls.head_inputs(calibration_sequences(old_tok, texts, 5, ls.device))
         assert ls.layer_reads == skeleton.config.num_hidden_layers
         assert all(p.is_meta for p in skeleton.model.layers.parameters())
-        one_by_one = head_inputs(ls.model, old_tok, texts, max_tokens=5)
-        assert ls.layer_reads == skeleton.config.num_hidden_layers * (1 + len(texts))
+        one_by_one = head_inputs(ls.model, old_tok, texts, max_tokens=5)  # one forward per length group
+        assert ls.layer_reads == skeleton.config.num_hidden_layers * (1 + n_groups)
     assert together.shape[0] == sum(min(5, len(old_tok(t, add_special_tokens=False)["input_ids"])) + 1 for t in texts)
     assert torch.equal(together, full)
     assert torch.equal(together, one_by_one)
@@ -208,14 +211,15 @@ def test_tensor_missing_from_its_shard_is_named(tmp_path, toks):
     _no_output(tmp_path, out)
 
 
-def _poison(folder, name):
-    """Overwrite the first value of tensor ``name`` in its shard with a bf16 NaN, in place."""
+def _poison(folder, name, dtype=torch.bfloat16):
+    """Overwrite the first value of tensor ``name`` in its shard with a NaN of ``dtype``, in place."""
     idx = json.loads((folder / INDEX_NAME).read_text())
     path = folder / idx["weight_map"][name]
     raw = bytearray(path.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
     start = 8 + n + json.loads(raw[8:8 + n])[name]["data_offsets"][0]
-    raw[start:start + 2] = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    nan = torch.tensor([float("nan")], dtype=dtype).view(torch.uint8).numpy().tobytes()
+    raw[start:start + len(nan)] = nan
     path.write_bytes(bytes(raw))
 
 
@@ -301,6 +305,25 @@ def test_streamed_tokenadapt_with_logit_offsets_equals_in_memory(tmp_path, toks)
     out = tmp_path / "out"
     rep = transplant_checkpoint(str(base), str(new_tok_dir(tmp_path, new_tok)), str(out), cfg, progress=False)
     assert rep["method_stats"]["bias_direction"]["n"] > 0
+    before, after = _tensors(base), _tensors(out)
+    body = [k for k in before if k != "model.embed_tokens.weight"]
+    assert all(after[k].view(torch.int32).equal(before[k].view(torch.int32)) for k in body)
+    # every body tensor was read and checked by the calibration forward, then copied file to file
+    assert rep["stream"]["tensors_copied_as_bytes"] == len(body) == rep["stream"]["tensors_passed_through"]
     mem, mrep = transplant(AutoModelForCausalLM.from_pretrained(base), old_tok, new_tok, cfg)
     assert rep["method_stats"]["bias_direction"] == mrep.data["method_stats"]["bias_direction"]
     assert torch.equal(_tensors(out)["model.embed_tokens.weight"], mem.get_input_embeddings().weight)
+
+
+def test_nan_in_a_layer_found_by_the_calibration_forward(tmp_path, toks):
+    """With logit offsets the body is read by the calibration forward (in a read-ahead thread) and then
+    copied unread: a NaN there is still one clear error naming the tensor, and nothing is written."""
+    asset_dir("minilm")
+    old_tok, new_tok = toks
+    base = _base(tmp_path, old_tok, tie=True, dtype=torch.float32)
+    _poison(base, "model.layers.1.self_attn.o_proj.weight", dtype=torch.float32)
+    cfg = TransplantConfig(method="tokenadapt", cache_dir=str(tmp_path / "aux"), aux_dtype="float32", device="cpu")
+    out = tmp_path / "out"
+    with pytest.raises(SurgeryError, match="model.layers.1.self_attn.o_proj.weight.*NaN or inf"):
+        transplant_checkpoint(str(base), str(new_tok_dir(tmp_path, new_tok)), str(out), cfg, progress=False)
+    _no_output(tmp_path, out)
