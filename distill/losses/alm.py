@@ -41,7 +41,9 @@ What we took and what we left out of tokenkit (documented choices, not tuned):
 The trainer supplies, for every position of every chunk on both sides (``positions = "all"``), the
 student's next-token ids (``ChunkedBatch.student_targets``) and the teacher's log-probability of its own
 next token (``ChunkedBatch.teacher_target_logp``; from the top-k cache's per-position statistics when
-the teacher is cached, :func:`target_log_probs` for a live teacher).
+the teacher is cached, :func:`distill.losses.token_logp.token_log_probs` of its logits for a live teacher;
+the student's own log-probabilities come the same way, ``ChunkedBatch.student_target_logp``, computed once with
+its cross-entropy).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class ALMLoss(KDLoss):
     needs = "none"
     positions = "all"  # every position of a chunk on both sides, whatever loss.chunk_positions says
     needs_targets = True  # student_targets / teacher_target_logp / chunk_complete in the ChunkedBatch
+    reads_student = "target_logp"  # the student's log-probs of its own next tokens, nothing else of its logits
     t_squared = False  # no T² factor: the softmax temperature does not apply
 
     @property
@@ -127,15 +130,18 @@ class ALMLoss(KDLoss):
         """``(log p_T(c), log p_S(c), valid)``, each ``(C,)``."""
         if batch.student_targets is None or batch.teacher_target_logp is None:
             raise ValueError("loss 'alm' needs ChunkedBatch.student_targets and teacher_target_logp")
-        logq = torch.log_softmax(batch.student_logits.float(), dim=-1)
-        tgt = batch.student_targets.to(logq.device)
-        s_tok = logq.gather(1, tgt.clamp_min(0)[:, None])[:, 0] * (tgt >= 0)
+        if batch.student_target_logp is not None:  # the trainer's (distill.losses.token_logp): no second pass
+            s_tok = batch.student_target_logp.float()
+        else:
+            logq = torch.log_softmax(batch.student_logits.float(), dim=-1)
+            tgt = batch.student_targets.to(logq.device)
+            s_tok = logq.gather(1, tgt.clamp_min(0)[:, None])[:, 0] * (tgt >= 0)
+        dev = s_tok.device
         C = batch.n_chunks
-        log_s = chunk_sum(s_tok, batch.student_chunk, C).clamp(max=0.0)
-        log_t = chunk_sum(batch.teacher_target_logp.float().to(logq.device), batch.teacher_chunk.to(logq.device),
-                          C).clamp(max=0.0)
-        valid = (torch.bincount(batch.student_chunk, minlength=C)[:C] > 0) & \
-                (torch.bincount(batch.teacher_chunk.to(logq.device), minlength=C)[:C] > 0)
+        log_s = chunk_sum(s_tok, batch.student_chunk.to(dev), C).clamp(max=0.0)
+        log_t = chunk_sum(batch.teacher_target_logp.float().to(dev), batch.teacher_chunk.to(dev), C).clamp(max=0.0)
+        valid = (torch.bincount(batch.student_chunk.to(dev), minlength=C)[:C] > 0) & \
+                (torch.bincount(batch.teacher_chunk.to(dev), minlength=C)[:C] > 0)
         if batch.chunk_complete is not None:
             valid = valid & batch.chunk_complete.to(valid.device)
         return log_t, log_s, valid

@@ -117,7 +117,8 @@ class ChunkedBatch:
     """Positions of one teacher/student pair that belong to a chunk, flattened.
 
     Attributes:
-        student_logits: ``(N_s, V_s)`` student logits at positions in a chunk (with grad).
+        student_logits: ``(N_s, V_s)`` student logits at positions in a chunk (with grad); None for a loss with
+            ``reads_student = "target_logp"`` given ``student_target_logp``.
         student_chunk: ``(N_s,)`` long chunk id of each of those positions.
         teacher: :class:`TeacherDist` with ``N_t`` rows.
         teacher_chunk: ``(N_t,)`` long chunk id of each teacher row.
@@ -135,6 +136,9 @@ class ChunkedBatch:
     teacher_coarser: bool | None = None  # the teacher used fewer tokens per byte than the student (trainer)
     # alm (distill.losses.alm): every position of every chunk on both sides, plus
     student_targets: torch.Tensor | None = None  # (N_s,) long next-token id of each student row
+    student_target_logp: torch.Tensor | None = None  # (N_s,) student log-prob of it (with grad), when the trainer
+    # computed it already (distill.losses.token_logp); student_logits may then be None for a loss that reads
+    # the student only through it (``reads_student = "target_logp"``)
     teacher_target_logp: torch.Tensor | None = None  # (N_t,) teacher log-prob (T=1) of its own next token
     chunk_complete: torch.Tensor | None = None  # (C,) bool: every token of the chunk predicted on both sides
 
@@ -176,6 +180,7 @@ class KDLoss:
     name = ""
     needs = "projection"  # projection | reverse_projection | hkl_pairs | exact_pairs | same_vocab | none
     t_squared = True
+    reads_student = "logits"  # logits | target_logp (only the student's log-probs of its own next tokens)
 
     def __init__(self, params: LossConfig, ctx: LossContext):
         self.p = params
@@ -183,7 +188,8 @@ class KDLoss:
 
     def __call__(self, batch: ChunkedBatch) -> torch.Tensor:
         if batch.n_chunks == 0:
-            return batch.student_logits.sum() * 0.0
+            s = batch.student_logits if batch.student_logits is not None else batch.student_target_logp
+            return s.sum() * 0.0
         return self.forward(batch) * (self.p.temperature ** 2 if self.t_squared else 1.0)
 
     def forward(self, batch: ChunkedBatch) -> torch.Tensor:  # pragma: no cover - abstract

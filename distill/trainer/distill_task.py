@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from distill import distributed as dd
 from distill.chunks import align_chunks, exact_chunks, position_chunks
 from distill.config import DistillConfig
 from distill.data import EncodedBatch, encode_blocks
 from distill.losses import ChunkedBatch, build_context, combine, make_loss
+from distill.losses.token_logp import balance_on_token_logp, mean_ce, token_log_probs
 from distill.teacher_dist import TeacherDist
 from distill.teachers import Teacher, TopKCache, build_cache, position_stats, teacher_score, teacher_weights
 
@@ -124,13 +124,16 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
         logits = model(input_ids=s_enc.input_ids, attention_mask=s_enc.attention_mask).logits
     logits = fit_vocab(logits.float(), len(s_vocab))
     B, Ls, Vs = logits.shape
-    ce = F.cross_entropy(logits.reshape(-1, Vs), s_enc.labels.reshape(-1), ignore_index=-100)
+    flat_s = logits.reshape(B * Ls, Vs)
+    labels = s_enc.labels.reshape(-1)
+    s_logp, s_r = token_log_probs(flat_s, labels)  # (B·L,) log p of each next token, one vocabulary pass
+    ce = mean_ce(s_logp, labels)  # = F.cross_entropy(flat_s, labels, ignore_index=-100)
     metrics = {"ce": float(ce.detach())}
     if cfg.loss.name == "ce" or not teachers:
         return ce, metrics  # the plain cross-entropy baseline
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     kd_terms, scores = [], []
-    flat_s = logits.reshape(B * Ls, Vs)
+    on_targets = all(getattr(t.loss, "reads_student", "logits") == "target_logp" for t in teachers)
     for t in teachers:
         t_enc = encode_blocks(texts, t.tokenizer, t.vocab, cfg.data.max_tokens).to(device)
         al = align_chunks(s_enc.ends, s_enc.valid, t_enc.ends, t_enc.valid)
@@ -148,6 +151,9 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
                 tl = t.model(input_ids=t_enc.input_ids, attention_mask=t_enc.attention_mask).logits
             tl = fit_vocab(tl, len(t.vocab)).reshape(B * Lt, -1)
             full = TeacherDist(len(t.vocab), logits=tl)
+            if getattr(t.loss, "needs_targets", False):  # alm: the teacher's log p of its own next tokens
+                with torch.no_grad():
+                    t_logp = token_log_probs(tl, targets)[0]
             stats = position_stats(tl, targets) if cfg.weighting.mode == "dynamic" else None
         dist = full.select(sel_t)
         dist.temperature = cfg.loss.temperature
@@ -156,12 +162,16 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
             exact = torch.from_numpy(exact_chunks(al, s_enc.input_ids.cpu().numpy(), t_enc.input_ids.cpu().numpy(),
                                                   s_vocab.surfaces, t.vocab.surfaces)).to(device)
         coarser = teacher_is_coarser(s_enc, t_enc)
-        batch = ChunkedBatch(flat_s[sel_s], ps[sel_s], dist, pt[sel_t], al.n_chunks, exact, coarser)
+        # a loss that reads the student only through its next-token log-probs gets those, not a (N_s, V) copy
+        reads_logits = getattr(t.loss, "reads_student", "logits") != "target_logp"
+        batch = ChunkedBatch(flat_s[sel_s] if reads_logits else None, ps[sel_s], dist, pt[sel_t], al.n_chunks,
+                             exact, coarser)
         if getattr(t.loss, "needs_targets", False):  # alm: chunk likelihoods of both sides' own tokens
-            from distill.losses.alm import complete_chunks, target_log_probs
+            from distill.losses.alm import complete_chunks
 
-            tlp = stats[:, 0] if t.cache is not None else target_log_probs(full, targets)
-            batch.student_targets = s_enc.labels.reshape(-1)[sel_s]
+            tlp = stats[:, 0] if t.cache is not None else t_logp
+            batch.student_targets = labels[sel_s]
+            batch.student_target_logp = s_logp[sel_s]
             batch.teacher_target_logp = tlp.to(device)[sel_t]
             batch.chunk_complete = torch.from_numpy(
                 complete_chunks(al.chunk_a, position_chunks(al.chunk_a), al.n_chunks)
@@ -179,7 +189,9 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
     if rescale and getattr(cfg.loss, "rescale_by", "value") == "gradient":  # equal gradient norms on the logits
         from distill.losses.base import balance_by_gradient
 
-        kd_terms, rescale = balance_by_gradient(ce, kd_terms, logits), False
+        kd_terms = balance_on_token_logp(ce, kd_terms, s_logp, s_r) if on_targets else \
+            balance_by_gradient(ce, kd_terms, logits)
+        rescale = False
     total = combine(ce, kd_terms, weights, cfg.loss.ce_weight, cfg.loss.kd_weight, rescale)
     return total, metrics
 
