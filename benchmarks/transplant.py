@@ -23,6 +23,9 @@ against the base model as teacher for new rows, LoRA and all parameters:
     flock /tmp/cpu.lock .venv/bin/python benchmarks/transplant.py --pairs llama3-tokenizer \
         --methods tokenadapt-untie --heal-params new-rows lora all --heal-teachers none auto
 
+Per-step quality (teacher against CE at the same number of steps rather than the same minutes):
+``--heal-steps 63 --heal-cells all:none all:auto``.
+
 Prints one JSON object per line: the original model per language (``kind: original``), each
 method × tokenizer × language (``kind: zero_shot``, with the ratio to the original and the
 transplant wall time), then the best method of each pair after a short CPU heal on the shipped
@@ -105,7 +108,8 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
     from surgery.loading import load_model, load_tokenizer
     from surgery.transplant import HealConfig
 
-    cfg = HealConfig(minutes=args.heal_minutes, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
+    budget = {"steps": args.heal_steps} if args.heal_steps else {"minutes": args.heal_minutes}
+    cfg = HealConfig(**budget, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
                      warmup=3, checkpoint_every=100000, params=params, negatives=args.heal_negatives,
                      teacher=teacher, loss=args.heal_loss)
     t3 = time.time()
@@ -118,7 +122,7 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
               "params": params, "teacher": teacher, **({"loss": args.heal_loss} if teacher != "none" else {}),
               "bits_per_byte": round(v, 4), "ratio": ratio(v, orig[lang]),
               "zero_shot_bits_per_byte": round(zero_shot[lang], 4),
-              "heal_steps": s["steps"], "heal_s": round(time.time() - t3, 1),
+              "heal_budget": budget, "heal_steps": s["steps"], "heal_s": round(time.time() - t3, 1),
               "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],
               "heal_tokens": s["tokens_seen"], "heal_rows_trained": s.get("rows_trained"),
               "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "negatives", "all_lr",
@@ -140,6 +144,8 @@ def main(argv=None) -> int:
                     help="do not score the base model itself (already printed by an earlier run)")
     ap.add_argument("--stride", type=int, default=1024, help="evaluation stride (1024 = no overlap)")
     ap.add_argument("--heal-minutes", type=float, default=5.0, help="CPU heal of the best method (0 = skip)")
+    ap.add_argument("--heal-steps", type=int, default=None,
+                    help="heal for this many optimizer steps instead of --heal-minutes (per-step comparisons)")
     ap.add_argument("--heal-texts", nargs="+", default=None, help="default: shipped train texts of --langs")
     ap.add_argument("--heal-method", default=None, help="method to heal (default: the best zero-shot of this run)")
     ap.add_argument("--heal-lr", type=float, default=HEAL_LR, help="learning rate of the healed rows")
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
                       "transplant_s": round(t_tr, 1), "eval_s": round(time.time() - t2, 1),
                       "counts": rep["counts"], "timings_s": rep["timings_s"],
                       "aux": {k: v for k, v in rep["method_stats"].items() if k.startswith(("aux_", "seconds"))}})
-        if args.heal_minutes > 0 and results:
+        if (args.heal_minutes > 0 or args.heal_steps) and results:
             best = args.heal_method or min(results, key=lambda n: sum(results[n][0].values()) / len(results[n][0]))
             if best not in results:
                 print(f"--heal-method {best!r} was not run for {pair}; skipping the heal", file=sys.stderr)

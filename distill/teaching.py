@@ -24,7 +24,7 @@ import torch
 LOG = logging.getLogger(__name__)
 
 REPORT = "transplant_report.json"
-TEACHER_LOSSES = ("alm", "pkl", "hkl", "tkl", "uld", "gold")
+TEACHER_LOSSES = ("alm", "hidden", "pkl", "hkl", "tkl", "uld", "gold")
 
 
 def resolve_teacher(spec: str, model_path: str | Path) -> str | None:

@@ -16,6 +16,8 @@ The losses, one module per family, register themselves by name (:func:`register_
 - :mod:`distill.losses.paired` — ``hkl`` (X-Token's hybrid) and ``gold`` (TRL GOLD);
 - :mod:`distill.losses.uld` — ``uld`` (Universal Logit Distillation);
 - :mod:`distill.losses.alm` — ``alm`` (approximate likelihood matching of aligned chunks);
+- :mod:`distill.losses.hidden` — ``hidden`` (final hidden states at aligned chunk ends, for a student that shares
+  the teacher's body);
 - :mod:`distill.losses.same_vocab` — ``kl`` (one shared vocabulary) and ``ce`` (no distillation term).
 
 :mod:`distill.losses.primitives` holds the tensor pieces they share, :mod:`distill.losses.operator` the
@@ -26,7 +28,7 @@ Combining with the student's cross-entropy is the trainer's job
 (:func:`combine`): ``ce_weight · CE + kd_weight · Σ_teachers w_t · KD_t``.
 """
 
-from distill.losses import alm, paired, projected, same_vocab, uld  # noqa: F401  (registers the losses)
+from distill.losses import alm, hidden, paired, projected, same_vocab, uld  # noqa: F401  (registers the losses)
 from distill.losses.base import (LOSSES, ChunkedBatch, KDLoss, LossConfig, LossContext, combine, loss_names,
                                  make_loss, register_loss)
 from distill.losses.context import build_context, first_piece_projection

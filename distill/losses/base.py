@@ -46,7 +46,7 @@ def loss_names() -> list[str]:
 class LossConfig:
     """The objective of a run and the hyper-parameters every loss reads (``loss.*`` of a recipe)."""
 
-    name: str = field(default="pkl", metadata=_h("distillation loss: pkl, hkl, tkl, alm, uld, gold, kl, ce"))
+    name: str = field(default="pkl", metadata=_h("distillation loss: pkl, hkl, tkl, alm, hidden, uld, gold, kl, ce"))
     temperature: float = field(default=1.0, metadata=_h("softmax temperature of both sides; terms scaled by T^2"))
     direction: Literal["forward", "reverse"] = field(default="forward", metadata=_h(
         "forward: KL(teacher || student); reverse: KL(student || teacher)"))
@@ -141,6 +141,9 @@ class ChunkedBatch:
     # the student only through it (``reads_student = "target_logp"``)
     teacher_target_logp: torch.Tensor | None = None  # (N_t,) teacher log-prob (T=1) of its own next token
     chunk_complete: torch.Tensor | None = None  # (C,) bool: every token of the chunk predicted on both sides
+    # hidden (distill.losses.hidden): the final hidden states (the head's input) at each chunk's last token
+    student_hidden: torch.Tensor | None = None  # (C', d) with grad
+    teacher_hidden: torch.Tensor | None = None  # (C', d)
 
 
 @dataclass
@@ -180,7 +183,7 @@ class KDLoss:
     name = ""
     needs = "projection"  # projection | reverse_projection | hkl_pairs | exact_pairs | same_vocab | none
     t_squared = True
-    reads_student = "logits"  # logits | target_logp (only the student's log-probs of its own next tokens)
+    reads_student = "logits"  # logits | target_logp (only the student's log-probs of its own next tokens) | hidden
 
     def __init__(self, params: LossConfig, ctx: LossContext):
         self.p = params
@@ -188,7 +191,8 @@ class KDLoss:
 
     def __call__(self, batch: ChunkedBatch) -> torch.Tensor:
         if batch.n_chunks == 0:
-            s = batch.student_logits if batch.student_logits is not None else batch.student_target_logp
+            s = next(x for x in (batch.student_logits, batch.student_target_logp, batch.student_hidden)
+                     if x is not None)
             return s.sum() * 0.0
         return self.forward(batch) * (self.p.temperature ** 2 if self.t_squared else 1.0)
 

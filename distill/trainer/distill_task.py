@@ -8,6 +8,7 @@ resume.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from distill.losses import ChunkedBatch, build_context, combine, make_loss
 from distill.losses.token_logp import balance_on_token_logp, mean_ce, token_log_probs
 from distill.teacher_dist import TeacherDist
 from distill.teachers import Teacher, TopKCache, build_cache, position_stats, teacher_score, teacher_weights
+from surgery.errors import SurgeryError
 
 LOG = logging.getLogger(__name__)
 
@@ -120,8 +122,10 @@ def teacher_is_coarser(s_enc: EncodedBatch, t_enc: EncodedBatch) -> bool:
 def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block_ids, device, autocast):
     """Loss of one micro-batch; returns ``(total, metrics dict)``."""
     s_enc = encode_blocks(texts, s_tok, s_vocab, cfg.data.max_tokens).to(device)
-    with autocast():
+    wants_hidden = cfg.loss.name != "ce" and any(reads_student(t) == "hidden" for t in teachers)
+    with head_input(model, wants_hidden) as s_box, autocast():
         logits = model(input_ids=s_enc.input_ids, attention_mask=s_enc.attention_mask).logits
+    h_s = s_box.get("h")  # (B, L, d) the student's final hidden states (loss "hidden" only)
     logits = fit_vocab(logits.float(), len(s_vocab))
     B, Ls, Vs = logits.shape
     flat_s = logits.reshape(B * Ls, Vs)
@@ -132,8 +136,7 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
     if cfg.loss.name == "ce" or not teachers:
         return ce, metrics  # the plain cross-entropy baseline
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    kd_terms, scores = [], []
-    on_targets = all(getattr(t.loss, "reads_student", "logits") == "target_logp" for t in teachers)
+    kd_terms, scores, hidden_rows = [], [], {}
     for t in teachers:
         t_enc = encode_blocks(texts, t.tokenizer, t.vocab, cfg.data.max_tokens).to(device)
         al = align_chunks(s_enc.ends, s_enc.valid, t_enc.ends, t_enc.valid)
@@ -145,9 +148,12 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
         Lt = t_enc.input_ids.shape[1]
         targets = t_enc.labels.reshape(-1)
         if t.cache is not None:
+            if reads_student(t) == "hidden":
+                raise SurgeryError("loss 'hidden' needs the live teacher (its hidden states are not cached)",
+                                   "set cache.enabled=false")
             full, stats = t.cache.read(block_ids, t_enc.attention_mask.sum(1).tolist(), Lt, device)
         else:
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), head_input(t.model, reads_student(t) == "hidden") as t_box, autocast():
                 tl = t.model(input_ids=t_enc.input_ids, attention_mask=t_enc.attention_mask).logits
             tl = fit_vocab(tl, len(t.vocab)).reshape(B * Lt, -1)
             full = TeacherDist(len(t.vocab), logits=tl)
@@ -162,10 +168,20 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
             exact = torch.from_numpy(exact_chunks(al, s_enc.input_ids.cpu().numpy(), t_enc.input_ids.cpu().numpy(),
                                                   s_vocab.surfaces, t.vocab.surfaces)).to(device)
         coarser = teacher_is_coarser(s_enc, t_enc)
-        # a loss that reads the student only through its next-token log-probs gets those, not a (N_s, V) copy
-        reads_logits = getattr(t.loss, "reads_student", "logits") != "target_logp"
-        batch = ChunkedBatch(flat_s[sel_s] if reads_logits else None, ps[sel_s], dist, pt[sel_t], al.n_chunks,
-                             exact, coarser)
+        # a loss that reads the student only through its next-token log-probs (or its hidden states) gets those,
+        # not a (N_s, V) copy of its logits
+        batch = ChunkedBatch(flat_s[sel_s] if reads_student(t) == "logits" else None, ps[sel_s], dist, pt[sel_t],
+                             al.n_chunks, exact, coarser)
+        if reads_student(t) == "hidden":  # the head's inputs at each chunk's last token on both sides
+            from distill.losses.hidden import chunk_last_tokens
+
+            last_s, last_t = chunk_last_tokens(al.chunk_a, al.n_chunks), chunk_last_tokens(al.chunk_b, al.n_chunks)
+            keep = (last_s >= 0) & (last_t >= 0)
+            rows = torch.from_numpy(last_s[keep]).to(device)
+            batch.student_hidden = h_s.reshape(-1, h_s.shape[-1])[rows]
+            h_t = t_box["h"]
+            batch.teacher_hidden = h_t.reshape(-1, h_t.shape[-1])[torch.from_numpy(last_t[keep]).to(h_t.device)]
+            hidden_rows[t.index] = (rows, batch.student_hidden)
         if getattr(t.loss, "needs_targets", False):  # alm: chunk likelihoods of both sides' own tokens
             from distill.losses.alm import complete_chunks
 
@@ -186,14 +202,55 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
     for t, w in zip(teachers, weights):
         metrics[f"w{t.index}"] = round(float(w), 4)
     rescale = cfg.loss.rescale_kd
-    if rescale and getattr(cfg.loss, "rescale_by", "value") == "gradient":  # equal gradient norms on the logits
-        from distill.losses.base import balance_by_gradient
-
-        kd_terms = balance_on_token_logp(ce, kd_terms, s_logp, s_r) if on_targets else \
-            balance_by_gradient(ce, kd_terms, logits)
+    if rescale and getattr(cfg.loss, "rescale_by", "value") == "gradient":  # equal gradient norms
+        kd_terms = balance_terms(ce, kd_terms, teachers, logits, s_logp, s_r, h_s, hidden_rows)
         rescale = False
     total = combine(ce, kd_terms, weights, cfg.loss.ce_weight, cfg.loss.kd_weight, rescale)
     return total, metrics
+
+
+def reads_student(t: Teacher) -> str:
+    """What the teacher's loss reads of the student: ``logits``, ``target_logp`` or ``hidden``."""
+    return getattr(t.loss, "reads_student", "logits")
+
+
+@contextlib.contextmanager
+def head_input(model, capture: bool):
+    """A dict that receives ``h``, the output head's input (``(B, L, d)``, the final hidden states), of the
+    forward passes run inside (nothing when ``capture`` is False)."""
+    box: dict = {}
+    if not capture:
+        yield box
+        return
+    head = getattr(model, "module", model).get_output_embeddings()
+    handle = head.register_forward_hook(lambda mod, args, out: box.__setitem__("h", args[0]))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def balance_terms(ce, kd_terms, teachers, logits, s_logp, s_r, h_s, hidden_rows) -> list[torch.Tensor]:
+    """Each teacher's term scaled to pull as hard as CE (``loss.rescale_by=gradient``), where its gradient meets
+    CE's: on the logits (``balance_by_gradient``), computed on the next-token log-probs when the term reads only
+    those (``alm``: :func:`~distill.losses.token_logp.balance_on_token_logp`), on the final hidden states for
+    ``hidden`` (:class:`~distill.losses.hidden.HiddenBalance`)."""
+    from distill.losses.base import balance_by_gradient
+
+    out = list(kd_terms)
+    kinds = [reads_student(t) for t in teachers]
+    for kind in ("logits", "target_logp"):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if not idx:
+            continue
+        sub = [kd_terms[i] for i in idx]
+        done = balance_by_gradient(ce, sub, logits) if kind == "logits" else balance_on_token_logp(ce, sub, s_logp, s_r)
+        for i, kd in zip(idx, done):
+            out[i] = kd
+    for i, t in enumerate(teachers):
+        if kinds[i] == "hidden":
+            out[i] = t.loss.balance.apply(ce, kd_terms[i], h_s, *hidden_rows[t.index])
+    return out
 
 
 class DistillTask:

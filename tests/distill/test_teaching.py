@@ -21,7 +21,7 @@ def test_resolve_teacher(tmp_path):
     assert resolve_teacher("auto", tmp_path) == "smollm2-135m"
 
 
-@pytest.mark.parametrize("loss", ["alm", "pkl"])
+@pytest.mark.parametrize("loss", ["alm", "pkl", "hidden"])
 def test_teacher_task_step(loss, tiny_student, tiny_teacher, tiny_text):
     from surgery.loading import load_model, load_tokenizer
 
