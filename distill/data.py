@@ -143,6 +143,29 @@ def make_blocks(docs: Sequence[str], block_chars: int, pack: bool = False) -> li
     return blocks
 
 
+def token_blocks(docs: Sequence[str], tokenizer, tokens: int) -> list[str]:
+    """Cut documents into consecutive blocks of ``tokens`` tokens of ``tokenizer`` (the last one of a document
+    shorter), each the text its tokens span (character offsets).
+
+    Blocks of equal token counts sample a mixed corpus as windows of a token stream do (every language in
+    proportion to its tokens); blocks of equal *characters* under-sample text that needs more tokens per
+    character (CJK), whose blocks the token limit then also truncates.
+    """
+    if tokens < 1:
+        raise ValueError("tokens must be >= 1")
+    enc = tokenizer(list(docs), add_special_tokens=False, return_offsets_mapping=True)
+    blocks = []
+    for doc, offs in zip(docs, enc["offset_mapping"]):
+        for a in range(0, len(offs), tokens):
+            win = offs[a:a + tokens]
+            start = win[0][0] if a else 0
+            end = offs[a + tokens][0] if a + tokens < len(offs) else len(doc)  # up to the next block's first token
+            piece = doc[start:max(end, win[-1][1])]
+            if piece.strip():
+                blocks.append(piece)
+    return blocks
+
+
 def blocks_fingerprint(blocks: Sequence[str]) -> str:
     """Content hash of a block list (keys the teacher cache to the exact data)."""
     h = hashlib.sha256()

@@ -25,6 +25,7 @@ LOG = logging.getLogger(__name__)
 
 REPORT = "transplant_report.json"
 TEACHER_LOSSES = ("alm", "hidden", "pkl", "hkl", "tkl", "uld", "gold")
+TEACHER_TOKENS = 4  # the teacher reads up to 4x the student's tokens of a block (TeacherTask)
 
 
 def resolve_teacher(spec: str, model_path: str | Path) -> str | None:
@@ -78,22 +79,29 @@ def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtyp
 class TeacherTask:
     """Random blocks of the training text, the student's CE plus the teacher's term (rescaled to CE).
 
+    Blocks are ``seq_len − 1`` consecutive student tokens (:func:`distill.data.token_blocks`; the start token
+    makes ``seq_len``), so every language is drawn in proportion to its tokens, as the plain heal's windows
+    draw it. The teacher reads up to ``TEACHER_TOKENS · seq_len`` tokens of the same block: it needs more
+    tokens than the student for the same bytes where its vocabulary is weaker (SmolLM2 on Chinese about 1.9x
+    Llama-3's), and a teacher cut at ``seq_len`` tokens would teach only the first half of such a block.
+
     Args:
         texts: training texts.
         tokenizer / s_vocab: the student's tokenizer and canonical vocabulary.
         teacher: from :func:`load_heal_teacher`.
         loss_config: its :class:`~distill.losses.LossConfig`.
-        seq_len: student tokens per block (blocks are cut at ``4 · seq_len`` characters and truncated there).
+        seq_len: student tokens per block (with the start token).
         batch_size: blocks per step.
     """
 
     def __init__(self, texts, tokenizer, s_vocab, teacher, loss_config, seq_len: int, batch_size: int, seed: int,
                  device):
-        from distill.data import make_blocks
+        from distill.data import token_blocks
 
-        self.blocks = make_blocks(list(texts), 4 * seq_len, False)
+        self.blocks = token_blocks(list(texts), tokenizer, seq_len - 1)
         self.tokenizer, self.s_vocab, self.teacher = tokenizer, s_vocab, teacher
-        self.cfg = SimpleNamespace(data=SimpleNamespace(max_tokens=seq_len), loss=loss_config,
+        data = SimpleNamespace(max_tokens=seq_len, teacher_max_tokens=TEACHER_TOKENS * seq_len)
+        self.cfg = SimpleNamespace(data=data, loss=loss_config,
                                    weighting=SimpleNamespace(mode="fixed", alpha=1.0, score="ce"))
         self.batch_size, self.device = batch_size, device
         self.gen = torch.Generator().manual_seed(seed)

@@ -138,7 +138,11 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     kd_terms, scores, hidden_rows = [], [], {}
     for t in teachers:
-        t_enc = encode_blocks(texts, t.tokenizer, t.vocab, cfg.data.max_tokens).to(device)
+        # a live teacher may read more tokens than the student (cfg.data.teacher_max_tokens) so that its tokens
+        # cover the student's bytes; the cache stores max_tokens per block
+        t_max = cfg.data.max_tokens if t.cache is not None else getattr(cfg.data, "teacher_max_tokens", None) or \
+            cfg.data.max_tokens
+        t_enc = encode_blocks(texts, t.tokenizer, t.vocab, t_max).to(device)
         al = align_chunks(s_enc.ends, s_enc.valid, t_enc.ends, t_enc.valid)
         mode = "mean" if getattr(t.loss, "positions", None) == "all" else cfg.loss.chunk_positions  # alm: all
         ps = torch.from_numpy(keep_positions(position_chunks(al.chunk_a), mode)).to(device)

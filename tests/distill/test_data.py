@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import BlockOrder, encode_blocks, load_documents, make_blocks
+from distill.data import BlockOrder, encode_blocks, load_documents, make_blocks, token_blocks
 from distill.teacher_dist import TeacherDist
 from distill.teachers import position_stats, teacher_score, teacher_weights
 from surgery.errors import SurgeryError
@@ -45,6 +45,24 @@ def test_blocks_cut_at_whitespace_and_cover_the_text():
     packed = make_blocks(["kurz eins", "kurz zwei", "kurz drei"], 30, pack=True)
     assert packed == ["kurz eins\n\nkurz zwei\n\nkurz ", "drei"]
     assert make_blocks(["kurz eins", "kurz zwei"], 30) == ["kurz eins", "kurz zwei"]
+
+
+def test_token_blocks_cover_the_text_in_equal_token_counts():
+    import helpers
+
+    tok = helpers.tokenizer("smollm2-135m")
+    docs = [" ".join(f"Wort{i}" for i in range(120)), "中文的句子，日本語の文。" * 20, "kurz"]
+    blocks = token_blocks(docs, tok, 16)
+    n_doc = [len(tok(d, add_special_tokens=False)["input_ids"]) for d in docs]
+    per_doc, i = [], 0
+    for d, n in zip(docs, n_doc):
+        k = -(-n // 16)  # ceil: one block per 16 tokens
+        assert "".join(blocks[i:i + k]) == d  # consecutive, nothing lost or repeated
+        per_doc.append(blocks[i:i + k])
+        i += k
+    assert i == len(blocks)
+    counts = [len(tok(b, add_special_tokens=False)["input_ids"]) for b in per_doc[1][:-1]]
+    assert all(abs(c - 16) <= 2 for c in counts)  # re-encoding a block gives its share of tokens, up to the edges
 
 
 def test_block_order_is_a_pure_function_of_position():
