@@ -9,6 +9,7 @@ rows arrive as exact float32 upcasts and are cast back to the stored dtype.
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import scipy.sparse as sp
@@ -162,3 +163,28 @@ def streamed_bias_fn(skeleton, reader, old_tok, cfg):
             return fitted
 
     return fn
+
+
+class BackgroundCall:
+    """``fn(*args)`` started now in a daemon thread; :meth:`result` waits for it and re-raises its error.
+
+    The calibration forward of a large checkpoint is bound by reading the body (16 GB for 8B shapes),
+    the init method by arithmetic: started before the method, the forward runs beside it.
+    """
+
+    def __init__(self, fn, *args):
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="calibration", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result() in the caller's thread
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value

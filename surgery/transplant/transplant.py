@@ -23,9 +23,9 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.transplant.config import TransplantConfig
-from surgery.transplant.methods import METHODS, MethodInputs
+from surgery.transplant.methods import METHODS, OFFSETS, MethodInputs
 from surgery.transplant.report import TransplantReport, model_card, rows_report
-from surgery.transplant.rows import build_matrix, fit_bias_direction, streamed_bias_fn
+from surgery.transplant.rows import BackgroundCall, build_matrix, fit_bias_direction, streamed_bias_fn
 from surgery.transplant.surgery_ops import (add_chat_markers, chat_template_plan, embedding_modules,
                                             fill_missing_roles, padded_size, replace_rows, set_vocab_config,
                                             special_token_map, update_config_ids)
@@ -101,15 +101,20 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     base_rows = np.flatnonzero(np.fromiter((s is not None for s in old_vocab.surfaces), bool, len(old_vocab)))
     base_rows = base_rows[base_rows < V_rows]
     t0 = time.time()
+    early = None  # the calibration forward runs beside the method when the method will want logit offsets
+    if bias_fn is not None and OFFSETS.get(cfg.method, lambda c: False)(cfg):
+        early = BackgroundCall(bias_fn, in_f)
     plan = _run_method(cfg, old_vocab, new_vocab, in_f, out_f, targets, separate, (ex_new, ex_old), donor_in, device,
                        progress, len(new_tok))
     timings["method"] = round(time.time() - t0, 2)
 
     delta = None
     if plan.out_bias is not None and np.any(plan.out_bias):
-        t0 = time.time()
-        delta = _bias_direction(plan, bias_fn, in_f)
+        t0 = time.time()  # with an early start: the wait after the method
+        delta = _bias_direction(plan, (lambda _rows: early.result()) if early is not None else bias_fn, in_f)
         timings["bias_direction"] = round(time.time() - t0, 2)
+    elif early is not None:
+        early.result()  # nothing to offset after all; its errors (a NaN in the body) still count
 
     t0 = time.time()
     V_pad = padded_size(V_new, cfg.pad_to_multiple)

@@ -79,11 +79,19 @@ class RowPlan:
 METHODS: dict[str, Callable[[MethodInputs], RowPlan]] = {}
 
 
-def register_method(name: str):
-    """Register an init method under ``name`` (used by ``--method``)."""
+# name -> ``offsets(config) -> bool``: whether the method will ask for logit offsets (so the calibration forward
+# that fits their direction can start before the method runs, beside it)
+OFFSETS: dict[str, Callable[[object], bool]] = {}
+
+
+def register_method(name: str, offsets: Callable[[object], bool] | None = None):
+    """Register an init method under ``name`` (used by ``--method``); ``offsets(config)`` says whether its
+    :class:`RowPlan` will carry ``out_bias`` under that config."""
 
     def deco(fn):
         METHODS[name] = fn
+        if offsets is not None:
+            OFFSETS[name] = offsets
         return fn
 
     return deco

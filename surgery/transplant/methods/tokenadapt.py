@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -41,6 +42,8 @@ from surgery.transplant.methods.base import (SRC_GLOBAL, SRC_HYBRID, SRC_LOCAL, 
                                              onehot_rows, register_method, row_scale)
 from surgery.vocab.pieces import Pieces, coef_matrix, decompose
 from surgery.vocab.surfaces import Vocabulary
+
+LOG = logging.getLogger(__name__)
 
 # logit offset per extra unit (io_split="pieces"), measured on dev slices of the shipped train texts
 # (SmolLM2-135M ← Llama-3, mean bits/byte over en/de/zh, offset per piece): tied 2.642 → 2.581 with
@@ -121,8 +124,9 @@ def apply_io_split(coef: sp.csr_matrix, pieces: Pieces, input_focus: float, outp
 
 
 def _aux_embeddings(inp: MethodInputs):
-    """Aux embeddings of the targets and of every old token with a surface."""
-    from surgery.transplant.aux_embeddings import vocab_embeddings
+    """Aux embeddings of the targets and of every old token with a surface, and the aux model's cache folder
+    (``None`` without a cache)."""
+    from surgery.transplant.aux_embeddings import resolve_cache_dir, vocab_embeddings
 
     aux = inp.aux()
     cache = getattr(inp.config, "cache_dir", None)
@@ -136,7 +140,8 @@ def _aux_embeddings(inp: MethodInputs):
              "aux_old_computed": st_old["computed"], "aux_new_cached": st_new["cached"],
              "aux_new_computed": st_new["computed"], "aux_distinct_embedded": aux.n_embedded,
              "seconds_aux": round(time.time() - t0, 2)}
-    return old_ids, phi_old, phi_new, stats
+    root = resolve_cache_dir(cache)
+    return old_ids, phi_old, phi_new, stats, (root / aux.key if root is not None else None)
 
 
 def distinct_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,8 +173,8 @@ def _balanced_block_bytes(n_q: int, n_k: int, budget: int = 256 * 1024**2) -> in
     return -(-max(n_q, 1) // n_blocks) * 4 * max(n_k, 1)
 
 
-def neighbours_dedup(queries: np.ndarray, keys: np.ndarray, k: int, device="cpu", progress: bool = False
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def neighbours_dedup(queries: np.ndarray, keys: np.ndarray, k: int, device="cpu", progress: bool = False,
+                     cache_dir=None, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` keys per query, searching each distinct key vector once, for each distinct query once.
 
     Many tokens share one aux vector (an uncased aux tokenizer sees ``" The"`` and ``"the"``
@@ -180,10 +185,13 @@ def neighbours_dedup(queries: np.ndarray, keys: np.ndarray, k: int, device="cpu"
     Args:
         queries: ``(Q, D)`` float32.
         keys: ``(K, D)`` float32.
+        cache_dir: folder of the search cache (:mod:`surgery.transplant.neighbour_cache`), or ``None``.
+        stats: a dict that receives ``neighbours_cached`` (whether the cache answered).
 
     Returns:
         ``(scores (Q, k) float64, idx (Q, k) int64)``, ``idx = -1`` where fewer than ``k`` keys exist.
     """
+    from surgery.transplant import neighbour_cache
     from surgery.transplant.certified_topk import topk_inner_product_certified
     from surgery.transplant.neighbours import topk_inner_product
 
@@ -193,14 +201,26 @@ def neighbours_dedup(queries: np.ndarray, keys: np.ndarray, k: int, device="cpu"
     sizes = np.bincount(inverse, minlength=len(k_first))
     starts = np.cumsum(sizes) - sizes
     # distinct vectors in order of their lowest member: ties rank by it
-    uq, uk = np.asarray(queries)[q_first], np.asarray(keys)[k_first]
-    if torch.device(device or "cpu").type == "cpu":  # bf16 shortlist, certified exact (same scores, ~2x faster)
-        u_scores, u_idx = topk_inner_product_certified(uq, uk, k, progress=progress)
+    uq, uk = np.asarray(queries, dtype=np.float32)[q_first], np.asarray(keys, dtype=np.float32)[k_first]
+    kk = min(k, len(uk))
+    key = neighbour_cache.search_key(uq, uk, kk) if cache_dir is not None and kk else None
+    hit = neighbour_cache.read(cache_dir, key, len(uq), len(uk), kk) if key else None
+    if stats is not None:
+        stats["neighbours_cached"] = hit is not None
+    if hit is not None:
+        u_scores, u_idx = hit
+        LOG.info("neighbour search: %d x %d answered from the cache", len(uq), len(uk))
     else:
-        u_scores, u_idx = topk_inner_product(uq, uk, k, device=device, progress=progress,
-                                             max_block_bytes=_balanced_block_bytes(len(uq), len(uk)))
-    u_idx = u_idx.numpy()[q_inv]
-    u_scores = u_scores.numpy().astype(np.float64)[q_inv]
+        if torch.device(device or "cpu").type == "cpu":  # bf16 shortlist, certified exact (same scores, ~2x faster)
+            s, i = topk_inner_product_certified(uq, uk, k, progress=progress)
+        else:
+            s, i = topk_inner_product(uq, uk, k, device=device, progress=progress,
+                                      max_block_bytes=_balanced_block_bytes(len(uq), len(uk)))
+        u_scores, u_idx = s.numpy(), i.numpy()
+        if key:
+            neighbour_cache.write(cache_dir, key, u_scores, u_idx)
+    u_idx = u_idx[q_inv]
+    u_scores = u_scores.astype(np.float64)[q_inv]
     Q = len(queries)
     out_i = np.full((Q, k), -1, dtype=np.int64)
     out_s = np.full((Q, k), -np.inf)
@@ -238,7 +258,7 @@ def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
     t0 = time.time()
     pieces = decompose(inp.new_vocab, inp.old_vocab, inp.targets)
     t_dec = time.time() - t0
-    old_ids, phi_old, phi_new, stats = _aux_embeddings(inp)
+    old_ids, phi_old, phi_new, stats, cache_folder = _aux_embeddings(inp)
     row_of_old = np.full(V, -1, dtype=np.int64)
     row_of_old[old_ids] = np.arange(len(old_ids))
 
@@ -257,7 +277,8 @@ def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
     # global
     t2 = time.time()
     if cfg.global_weight > 0:
-        scores, nn = neighbours_dedup(phi_new, phi_old, cfg.top_k, inp.device, inp.progress)
+        scores, nn = neighbours_dedup(phi_new, phi_old, cfg.top_k, inp.device, inp.progress,
+                                      cache_dir=cache_folder, stats=stats)
         wg, has_glob = global_weights(np.where(nn >= 0, scores, -np.inf), cfg.temperature, cfg.threshold)
         k = wg.shape[1]
         glob = coef_matrix(np.repeat(np.arange(T), k), old_ids[np.maximum(nn, 0).ravel()], wg.ravel(), (T, V))
@@ -289,7 +310,12 @@ def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
     return RowPlan(coef, coef_out, src, stats, out_bias)
 
 
-@register_method("tokenadapt")
+def wants_offsets(cfg) -> bool:
+    """Whether :func:`tokenadapt` under ``cfg`` asks for logit offsets (``io_split="pieces"``, ``β ≠ 0``)."""
+    return cfg.io_split == "pieces" and (cfg.output_bias is None or cfg.output_bias != 0)
+
+
+@register_method("tokenadapt", offsets=wants_offsets)
 def tokenadapt(inp: MethodInputs) -> RowPlan:
     """TokenAdapt hybrid with the configured ``io_split`` (default: the measured improvement)."""
     return tokenadapt_plan(inp, inp.config.io_split)

@@ -116,3 +116,40 @@ def test_neighbours_dedup_equals_the_previous_search_bit_for_bit():
     got_s, got_i = neighbours_dedup(queries, keys, 3)
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_array_equal(got_s, want_s)
+
+
+def test_neighbour_cache_answers_the_same_search_and_ignores_bad_files(tmp_path, caplog):
+    """A repeated search is read from the cache with the same answer; a corrupt or mismatched file is ignored
+    (with a warning) and the search runs again; other operands never share a file."""
+    from surgery.transplant import neighbour_cache
+
+    rng = np.random.default_rng(5)
+    keys = _clustered(rng, 300, 16, 10, 0.2)[rng.integers(0, 300, 700)]
+    queries = _clustered(rng, 200, 16, 10, 0.2)[rng.integers(0, 200, 400)]
+    ref = neighbours_dedup(queries, keys, 3)
+    st1, st2 = {}, {}
+    first = neighbours_dedup(queries, keys, 3, cache_dir=tmp_path, stats=st1)
+    files = list(tmp_path.glob("neighbours-*.npz"))
+    assert len(files) == 1 and st1 == {"neighbours_cached": False}
+    second = neighbours_dedup(queries, keys, 3, cache_dir=tmp_path, stats=st2)
+    assert st2 == {"neighbours_cached": True}
+    for got in (first, second):
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+    # other operands: another file
+    neighbours_dedup(queries[:50], keys, 3, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("neighbours-*.npz"))) == 2
+    # a truncated file and a file with ids out of range are not trusted
+    for bad in ("truncated", "ids"):
+        if bad == "truncated":
+            files[0].write_bytes(files[0].read_bytes()[:100])
+        else:
+            with np.load(files[0]) as z:
+                meta, scores, idx = z["meta"], z["scores"], z["idx"]
+            np.savez(files[0], meta=meta, scores=scores, idx=idx + 10**6)
+        st = {}
+        with caplog.at_level("WARNING"):
+            got = neighbours_dedup(queries, keys, 3, cache_dir=tmp_path, stats=st)
+        assert st == {"neighbours_cached": False} and "neighbour cache" in caplog.text
+        np.testing.assert_array_equal(got[1], ref[1])
+        assert neighbour_cache.read(tmp_path, files[0].stem.split("-")[1] + "x", 1, 1, 1) is None

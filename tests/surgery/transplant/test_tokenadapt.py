@@ -88,9 +88,12 @@ def test_rows_match_slow_reference_and_cache_is_exact(toks, tmp_path):
     model2, rep2 = transplant(tiny_llama(len(old_tok)), old_tok, new_tok, cfg)
     st2 = rep2.data["method_stats"]
     assert st2["aux_old_computed"] == 0 and st2["aux_new_computed"] == 0
+    assert not st["neighbours_cached"] and st2["neighbours_cached"]  # the search too is answered from the cache
     assert torch.equal(model2.get_input_embeddings().weight, model.get_input_embeddings().weight)
     files = list((tmp_path / "aux").glob("*/*.npz"))
-    assert {f.stem for f in files} == {surfaces_hash(ov)[:24], surfaces_hash(nv)[:24]}
+    assert {f.stem for f in files if not f.stem.startswith("neighbours-")} == {surfaces_hash(ov)[:24],
+                                                                                surfaces_hash(nv)[:24]}
+    assert len([f for f in files if f.stem.startswith("neighbours-")]) == 1
 
 
 def test_io_split_and_output_bias_on_untied_head(toks, tmp_path):
