@@ -5,7 +5,9 @@ exact shapes of a real model and its tokenizer) and each new tokenizer, one case
 
 - ``cp``: ``cp -r`` of the checkpoint folder (the I/O floor: a transplant must at least copy it);
 - ``surgery`` with ``--method mean`` and ``--method tokenadapt`` (aux embeddings cached: the cache
-  is first filled, unmeasured, for every token of both tokenizers unless ``--cold``);
+  is first filled, unmeasured, for every token of both tokenizers unless ``--cold``); tokenadapt runs
+  once with its neighbour search computed and once answered from the search cache
+  (``tokenadapt-search-cached``: a second model of the same family; ``--search-cache``);
 - ``mergekit``: ``mergekit-tokensurgeon BASE DONOR OUT -a subword --allow-crimes`` (its own virtualenv,
   see ``benchmarks/mergekit_subword.py``), the donor being the shipped model that carries the tokenizer.
 
@@ -175,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=570, help="seconds per case (default 570)")
     ap.add_argument("--shard-per-layer", action="store_true", default=True)
     ap.add_argument("--cold", action="store_true", help="do not warm the aux cache before tokenadapt")
+    ap.add_argument("--search-cache", choices=["cold", "warm", "both"], default="both",
+                    help="tokenadapt: run with the neighbour search computed (cold), answered from its cache as for a "
+                         "second model of the same family (warm), or both cases (default)")
     ap.add_argument("--verify", action="store_true", help="verify the first surgery output of each checkpoint")
     ap.add_argument("--keep-checkpoint", action="store_true", help="keep the synthetic checkpoint at the end")
     args = ap.parse_args(argv)
@@ -196,7 +201,13 @@ def main(argv=None) -> int:
             tok = str(asset_path(target))
             cases = [("cp", ["cp", "-r", str(ck), "{out}"])] if "cp" in args.baselines else []
             for m in args.methods:
-                cases.append((m, [SURGERY, "transplant", str(ck), tok, "{out}", "--method", m]))
+                cmd = [SURGERY, "transplant", str(ck), tok, "{out}", "--method", m]
+                if m.startswith("tokenadapt") and args.search_cache in ("cold", "both"):
+                    cases.append((m, cmd))  # the neighbour search computed (its cache emptied first)
+                if m.startswith("tokenadapt") and args.search_cache in ("warm", "both"):
+                    cases.append((f"{m}-search-cached", cmd))  # a second model of the family: search cached
+                if not m.startswith("tokenadapt"):
+                    cases.append((m, cmd))
             if "mergekit" in args.baselines and Path(args.mergekit).exists():
                 cases.append(("mergekit-subword", [args.mergekit, str(ck), tok, "{out}", "-a", "subword",
                                                    "--allow-crimes"]))
@@ -207,6 +218,9 @@ def main(argv=None) -> int:
                 if label.startswith("tokenadapt") and not args.cold:  # warm the aux cache (not measured)
                     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", synth.MODELS[name][2],
                                     target], check=True)
+                if label.startswith("tokenadapt") and not label.endswith("-search-cached"):
+                    for f in (ROOT / "artifacts" / "cache" / "aux").glob("*/neighbours-*.npz"):
+                        f.unlink()  # the search runs in this case
                 r = measure(cmd, args.lock, args.timeout)
                 rec = {"benchmark": "scale", "kind": "case", "model": name, "checkpoint_bytes": size,
                        "target": target, "tool": label, **r, "output_bytes": du(out)}

@@ -114,16 +114,13 @@ def calibration_sequences(tokenizer, texts: list[str], max_tokens: int, device) 
             for t in texts]
 
 
-def fit_bias_direction(model, old_tok, cfg, max_positions: int | None = None, streamer=None
-                       ) -> tuple[torch.Tensor, dict] | None:
-    """Fit the logit-bias direction of the (still unmodified) model on calibration text.
+def calibration_plan(cfg, max_positions: int | None = None) -> tuple[list[str], int] | None:
+    """``(texts, max_tokens per text)`` of the bias-direction fit.
 
-    ``max_positions`` caps the positions of a costly (streamed) forward; such a forward has
-    no text-free fallback (sampling would stream every layer once per token): ``None`` then.
-    With a :class:`~surgery.transplant.streaming.LayerStreamer`, all texts run in lockstep and
-    every layer is read once (the same hidden states as one forward per text).
+    ``max_positions`` caps the positions of a costly (streamed) forward; such a forward has no
+    text-free fallback (sampling would stream every layer once per token): ``None`` then.
     """
-    from surgery.transplant.calibration import bias_direction, default_calibration_texts, head_inputs
+    from surgery.transplant.calibration import default_calibration_texts
 
     if cfg.calibration_texts:
         from surgery.textio import read_texts
@@ -139,10 +136,12 @@ def fit_bias_direction(model, old_tok, cfg, max_positions: int | None = None, st
         max_tokens = max(16, min(384, max_positions // len(texts)))
         if max_tokens < 384:
             LOG.info("large model: calibration capped at %d tokens per text (%d texts)", max_tokens, len(texts))
-    if streamer is not None and texts:
-        H = streamer.head_inputs(calibration_sequences(old_tok, texts, max_tokens, streamer.device))
-    else:
-        H = head_inputs(model, old_tok, texts, max_tokens=max_tokens)
+    return texts, max_tokens
+
+
+def _fitted(H: torch.Tensor, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, dict]:
+    from surgery.transplant.calibration import bias_direction
+
     delta, fit = bias_direction(H)
     fit["source"] = "texts" if texts else "sampled"
     if max_tokens < 384:
@@ -151,35 +150,66 @@ def fit_bias_direction(model, old_tok, cfg, max_positions: int | None = None, st
     return delta, fit
 
 
-def streamed_bias_fn(skeleton, reader, old_tok, cfg):
-    """``bias_fn`` for :func:`compute_rows` that runs the checkpoint one decoder layer at a time."""
-    from surgery.transplant.streaming import LayerStreamer
+def fit_bias_direction(model, old_tok, cfg) -> tuple[torch.Tensor, dict]:
+    """Fit the logit-bias direction of the (still unmodified) in-memory model on calibration text."""
+    from surgery.transplant.calibration import head_inputs
 
-    def fn(in_rows: torch.Tensor):
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        with LayerStreamer(skeleton, reader, in_rows, device=device) as ls:
-            fitted = fit_bias_direction(ls.model, old_tok, cfg, max_positions=ls.max_positions(), streamer=ls)
+    texts, max_tokens = calibration_plan(cfg)
+    return _fitted(head_inputs(model, old_tok, texts, max_tokens=max_tokens), texts, max_tokens)
+
+
+def streamed_bias_fn(skeleton, reader, old_tok, cfg, in_rows: torch.Tensor):
+    """``bias_fn`` for :func:`compute_rows` that runs the checkpoint one decoder layer at a time.
+
+    Only the embedding rows of the calibration tokens are kept (copied now, ids renumbered: the
+    same lookups, so the same states): the caller may free the ``(V, d)`` rows while the forward
+    runs beside the rest of the transplant (2 GB of an 8B model's peak).
+
+    Args:
+        in_rows: ``(V, d)`` input embedding rows, in the dtype of the forward (float32).
+
+    Returns:
+        ``fn() -> (δ, fit) | None``.
+    """
+    from surgery.transplant.streaming import LayerStreamer, layer_parameter_count
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    plan = calibration_plan(cfg, max_positions=LayerStreamer.positions_within_budget(layer_parameter_count(skeleton)))
+    if plan is None:
+        return lambda: None
+    texts, max_tokens = plan
+    seqs = calibration_sequences(old_tok, texts, max_tokens, "cpu")
+    used, inverse = torch.unique(torch.cat([s.reshape(-1) for s in seqs]), return_inverse=True)
+    rows = in_rows[used].clone()  # (U, d)
+    local, at = [], 0
+    for s in seqs:
+        local.append(inverse[at:at + s.shape[1]].reshape(1, -1).to(device))
+        at += s.shape[1]
+
+    def fn():
+        with LayerStreamer(skeleton, reader, rows, device=device) as ls:
+            H = ls.head_inputs(local)
             LOG.info("streamed calibration: %d decoder-layer reads", ls.layer_reads)
-            return fitted
+        return _fitted(H, texts, max_tokens)
 
     return fn
 
 
 class BackgroundCall:
-    """``fn(*args)`` started now in a daemon thread; :meth:`result` waits for it and re-raises its error.
+    """``fn()`` started now in a daemon thread; :meth:`result` waits for it and re-raises its error.
 
     The calibration forward of a large checkpoint is bound by reading the body (16 GB for 8B shapes),
     the init method by arithmetic: started before the method, the forward runs beside it.
     """
 
-    def __init__(self, fn, *args):
+    def __init__(self, fn):
         self._value = self._error = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), name="calibration", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="calibration", daemon=True)
         self._thread.start()
 
-    def _run(self, fn, args) -> None:
+    def _run(self, fn) -> None:
         try:
-            self._value = fn(*args)
+            self._value = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised by result() in the caller's thread
             self._error = e
 

@@ -127,6 +127,11 @@ def _layer_lists(model) -> list[nn.ModuleList]:
     return lists[:1]
 
 
+def layer_parameter_count(model) -> int:
+    """Parameters of the decoder layers of ``model`` (a :func:`model_skeleton` works: no weights needed)."""
+    return sum(p.numel() for lst in _layer_lists(model) for p in lst.parameters())
+
+
 class _StopAtHead(Exception):
     """Raised by the head's pre-hook in :meth:`LayerStreamer.head_inputs` (no logits are computed)."""
 
@@ -179,7 +184,7 @@ class LayerStreamer(contextlib.AbstractContextManager):
                 self.hooks.append(layer.register_forward_hook(self._dropper()))
                 if i + 1 < len(lst):
                     self._next[f"{prefix}.{i}."] = (f"{prefix}.{i + 1}.", lst[i + 1])
-        self.layer_params = sum(p.numel() for lst in layers for p in lst.parameters())
+        self.layer_params = layer_parameter_count(skeleton)
 
     def _once(self, fn) -> None:
         """``fn()`` now (alone), or, in lockstep, by one thread once all have arrived, the others waiting."""
@@ -292,7 +297,13 @@ class LayerStreamer(contextlib.AbstractContextManager):
 
     def max_positions(self) -> int:
         """Calibration positions within :data:`CALIBRATION_FLOPS` of forward work."""
-        return int(CALIBRATION_FLOPS / max(2 * self.layer_params, 1))
+        return self.positions_within_budget(self.layer_params)
+
+    @staticmethod
+    def positions_within_budget(layer_params: int) -> int:
+        """Positions a forward through ``layer_params`` decoder-layer parameters may run within
+        :data:`CALIBRATION_FLOPS`."""
+        return int(CALIBRATION_FLOPS / max(2 * layer_params, 1))
 
     def __exit__(self, *exc):
         for f in self._pending.values():  # a forward that stopped early leaves a read-ahead behind

@@ -67,8 +67,10 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
         head: ``"tied"``, ``"untied"`` or ``"none"``.
         old_tok, new_tok: the model's tokenizer and the new one (not modified).
         donor_in: for ``omp``: ``(V_new, d')`` input rows of a model that speaks ``new_tok``.
-        bias_fn: ``bias_fn(old_in_f32) -> (δ (d,), fit)``, the logit-bias direction of the
-            unmodified model, called only when the method asks for logit offsets.
+        bias_fn: ``bias_fn() -> (δ (d,), fit) | None``, the logit-bias direction of the unmodified
+            model; started in a background thread before the vocabularies when the method will ask
+            for logit offsets (:data:`~surgery.transplant.methods.OFFSETS`), so the calibration
+            forward runs beside the rest, else called when the plan asks for them.
         out_dtype: dtype of the new rows (default: ``old_in``'s).
 
     Raises:
@@ -85,6 +87,9 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     tied = head == "tied"
     separate = head == "untied" or (tied and cfg.untie)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    early = None  # the calibration forward runs beside everything else when the method will want logit offsets
+    if bias_fn is not None and OFFSETS.get(cfg.method, lambda c: False)(cfg):
+        early = BackgroundCall(bias_fn)
 
     new_tok, old_vocab, new_vocab, filled, added_markers, timings["vocabularies"] = _vocabularies(
         cfg, old_tok, new_tok, old_vocab, new_vocab)
@@ -101,20 +106,9 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     base_rows = np.flatnonzero(np.fromiter((s is not None for s in old_vocab.surfaces), bool, len(old_vocab)))
     base_rows = base_rows[base_rows < V_rows]
     t0 = time.time()
-    early = None  # the calibration forward runs beside the method when the method will want logit offsets
-    if bias_fn is not None and OFFSETS.get(cfg.method, lambda c: False)(cfg):
-        early = BackgroundCall(bias_fn, in_f)
     plan = _run_method(cfg, old_vocab, new_vocab, in_f, out_f, targets, separate, (ex_new, ex_old), donor_in, device,
                        progress, len(new_tok))
     timings["method"] = round(time.time() - t0, 2)
-
-    delta = None
-    if plan.out_bias is not None and np.any(plan.out_bias):
-        t0 = time.time()  # with an early start: the wait after the method
-        delta = _bias_direction(plan, (lambda _rows: early.result()) if early is not None else bias_fn, in_f)
-        timings["bias_direction"] = round(time.time() - t0, 2)
-    elif early is not None:
-        early.result()  # nothing to offset after all; its errors (a NaN in the body) still count
 
     t0 = time.time()
     V_pad = padded_size(V_new, cfg.pad_to_multiple)
@@ -128,15 +122,23 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
         new_out = build_matrix(out_f, out_dtype, coef_out, plan.source, targets, copies, V_pad, base_rows, gen)
     del out_f
     rows = new_out if new_out is not None else new_in  # the head rows (tied: the shared rows)
-    if delta is not None:
-        _add_logit_offsets(rows, targets, plan.out_bias, delta)
+    t_wait = 0.0
+    if plan.out_bias is not None and np.any(plan.out_bias):
+        t1 = time.time()  # with an early start: the wait for the calibration forward
+        delta = _bias_direction(plan, early.result if early is not None else bias_fn)
+        t_wait = time.time() - t1
+        timings["bias_direction"] = round(t_wait, 2)
+        if delta is not None:
+            _add_logit_offsets(rows, targets, plan.out_bias, delta)
+    elif early is not None:
+        early.result()  # nothing to offset after all; its errors (a NaN in the body) still count
     never = new_vocab.never_emitted  # twins the tokenizer never produces (byte fallback beside an ordinary piece)
     if len(never):  # a zero head row (logit 0), so they do not take probability from their emitted twin
         rows[torch.as_tensor(never)] = 0
     template, decision, missing = chat_template_plan(old_tok, new_tok)
     if decision == "carried":
         new_tok.chat_template = template
-    timings["assemble"] = round(time.time() - t0, 2)
+    timings["assemble"] = round(time.time() - t0 - t_wait, 2)
     timings["total"] = round(time.time() - t_start, 2)
 
     report = rows_report(cfg, plan, old_vocab, new_vocab, new_tok, V_rows, V_pad, ex_new, sp_new, sp_old, targets,
@@ -178,10 +180,10 @@ def _run_method(cfg: TransplantConfig, old_vocab, new_vocab, in_f: torch.Tensor,
     finally:
         aux_holder.clear()  # the aux model is freed with the method's work
 
-def _bias_direction(plan, bias_fn, in_f: torch.Tensor) -> torch.Tensor | None:
+def _bias_direction(plan, bias_fn) -> torch.Tensor | None:
     """The ``(d,)`` logit-bias direction of the unmodified model for the plan's logit offsets (None, with a warning
     and a note in the plan's stats, when there is nothing to fit it on)."""
-    fitted = bias_fn(in_f) if bias_fn is not None else None
+    fitted = bias_fn() if bias_fn is not None else None
     if fitted is None:
         plan.stats["bias_direction"] = {"skipped": "no model forward or calibration text to fit it on"}
         LOG.warning("logit offsets skipped: no model forward or calibration text to fit the bias direction")
@@ -284,7 +286,7 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
     if cfg.method == "omp" and donor is not None:
         donor_in = donor if isinstance(donor, torch.Tensor) else embedding_modules(donor)[0].weight.detach()
     rows = compute_rows(emb.weight.detach(), head.weight.detach() if kind == "untied" else None, kind, old_tok,
-                        new_tok, cfg, donor_in=donor_in, bias_fn=lambda _rows: fit_bias_direction(model, old_tok, cfg),
+                        new_tok, cfg, donor_in=donor_in, bias_fn=lambda: fit_bias_direction(model, old_tok, cfg),
                         progress=progress, old_vocab=old_vocab, new_vocab=new_vocab)
     t0 = time.time()
     replace_rows(model, rows.new_in, rows.new_out, getattr(rows.tokenizer, "pad_token_id", None))
@@ -352,11 +354,13 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     out_f = reader.get(head_key).float() if kind == "untied" else None
     LOG.info("read %s%s (%s) from %s", emb_key, f" and {head_key}" if kind == "untied" else "", store, folder)
     t_load = time.time() - t0
+    bias_fn = None  # the calibration forward, for methods that ask for logit offsets (OFFSETS)
+    if OFFSETS.get(cfg.method, lambda c: False)(cfg):
+        bias_fn = streamed_bias_fn(skeleton, reader, old_tok, cfg, in_f)  # keeps the calibration tokens' rows only
     held = [in_f, out_f]
     del in_f, out_f  # compute_rows gets the only references: it frees each old matrix once its rows are built
     rows = compute_rows(held.pop(0), held.pop(0), kind, old_tok, new_tok, cfg, donor_in=donor_in,
-                        bias_fn=streamed_bias_fn(skeleton, reader, old_tok, cfg), progress=progress,
-                        out_dtype=out_dtype)
+                        bias_fn=bias_fn, progress=progress, out_dtype=out_dtype)
     data = rows.data
     data["base_model"] = str(model_path)
     data["new_tokenizer"] = str(tokenizer_path)
