@@ -86,7 +86,8 @@ def write(name: str, out: Path, shard_per_layer: bool = False, max_shard_bytes: 
     """Write the synthetic checkpoint ``name`` to ``out`` (atomically); returns a summary."""
     import torch
 
-    from surgery.checkpoint import atomic_output_dir, write_streamed_shards
+    from surgery.checkpoint import atomic_output_dir
+    from surgery.shards import write_streamed_shards
     from surgery.loading import load_tokenizer
     from surgery.transplant.streaming import model_skeleton
 

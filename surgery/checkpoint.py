@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from surgery.byte_copy import SourceBytes, copy_bytes, write_all
+from surgery.byte_copy import SourceBytes
 from surgery.errors import SurgeryError
 from surgery.files import check_safetensors_complete, pid_alive
 
@@ -283,7 +283,7 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
 for _name in ("float8_e4m3fn", "float8_e5m2"):
     if hasattr(torch, _name):
         _ST_DTYPES["F8_E4M3" if "e4m3" in _name else "F8_E5M2"] = getattr(torch, _name)
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}  # torch dtype -> safetensors dtype name
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -386,7 +386,7 @@ class CheckpointReader:
         return t
 
     def source(self, key: str) -> SourceBytes:
-        """Where ``key``'s stored bytes are, for :func:`write_streamed_shards` to copy them unread.
+        """Where ``key``'s stored bytes are, for :func:`surgery.shards.write_streamed_shards` to copy them unread.
 
         Raises:
             SurgeryError: ``key`` was not read and checked by :meth:`get` first.
@@ -395,72 +395,3 @@ class CheckpointReader:
             raise SurgeryError(f"tensor {key!r} would be copied unchecked", "this is a bug; please report it")
         path, off, n, _, _ = self._where[key]
         return SourceBytes(path, off, n, key)
-
-
-def _shard_plan(entries: list[tuple[str, torch.dtype, list[int]]], max_shard_bytes: int) -> list[list[int]]:
-    shards: list[list[int]] = [[]]
-    size = 0
-    for i, (_, dt, shape) in enumerate(entries):
-        n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += n
-    return shards
-
-
-def write_streamed_shards(entries: list[tuple[str, torch.dtype, list[int]]], produce, folder: Path,
-                          max_shard_bytes: int = 5 * 1000**3, groups: list[list[int]] | None = None) -> dict:
-    """Write tensors one at a time into HF-named shards plus ``model.safetensors.index.json``.
-
-    Args:
-        entries: ``(name, dtype, shape)`` of every output tensor, in output order.
-        produce: ``produce(name) -> tensor`` called once per tensor, in order (one tensor in flight), or
-            ``-> SourceBytes`` (:meth:`CheckpointReader.source`): stored bytes, copied file to file.
-        max_shard_bytes: shard size limit (a single larger tensor gets a shard of its own).
-        groups: explicit shards (lists of indices into ``entries``) instead of the size limit.
-
-    Returns:
-        The index dict written.
-    """
-    if len({k for k, _, _ in entries}) != len(entries):
-        raise SurgeryError("duplicate tensor names in a checkpoint write", "this is a bug; please report it")
-    plan = groups if groups is not None else _shard_plan(entries, max_shard_bytes)
-    n_shards = len(plan)
-    weight_map, total = {}, 0
-    for s, idxs in enumerate(plan, 1):
-        name = f"model-{s:05d}-of-{n_shards:05d}.safetensors"
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for i in idxs:
-            k, dt, shape = entries[i]
-            n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
-            header[k] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
-            off += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(folder / name, "wb", buffering=0) as f:
-            fd = f.fileno()
-            write_all(fd, struct.pack("<Q", len(raw)) + raw)
-            for i in idxs:
-                k, dt, shape = entries[i]
-                n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
-                t = produce(k)
-                if isinstance(t, SourceBytes):
-                    if t.nbytes != n:
-                        raise SurgeryError(f"tensor {k!r} has {t.nbytes} stored bytes, planned {n}",
-                                           "this is a bug; please report it")
-                    copy_bytes(t, fd)
-                else:
-                    if t.dtype != dt or list(t.shape) != list(shape):
-                        raise SurgeryError(f"tensor {k!r} came out {t.dtype} {list(t.shape)}, planned {dt} {shape}",
-                                           "this is a bug; please report it")
-                    t = t.detach().to("cpu").contiguous()
-                    if t.numel():
-                        write_all(fd, t.view(torch.uint8).reshape(-1).numpy())
-                weight_map[k] = name
-                total += n
-                del t
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return index

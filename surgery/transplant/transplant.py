@@ -320,8 +320,8 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
 
     from transformers import AutoConfig, GenerationConfig
 
-    from surgery.checkpoint import (CheckpointReader, atomic_output_dir, check_output_free, save_generation_config,
-                                    write_streamed_shards)
+    from surgery.checkpoint import CheckpointReader, atomic_output_dir, check_output_free, save_generation_config
+    from surgery.shards import write_streamed_shards
     from surgery.loading import checkpoint_folder, load_tokenizer, parse_dtype
     from surgery.transplant.streaming import embedding_keys, model_skeleton
 

@@ -94,7 +94,8 @@ def test_streamed_shards_round_trip_and_size_limit(tmp_path):
     """write_streamed_shards (one tensor at a time) reads back bit for bit through safetensors."""
     from safetensors import safe_open
 
-    from surgery.checkpoint import CheckpointReader, write_streamed_shards
+    from surgery.checkpoint import CheckpointReader
+    from surgery.shards import write_streamed_shards
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(10, 7, generator=g).to(torch.bfloat16), "b": torch.randn(300, generator=g),
