@@ -385,13 +385,17 @@ class CheckpointReader:
             self.checked.add(key)
         return t
 
-    def source(self, key: str) -> SourceBytes:
-        """Where ``key``'s stored bytes are, for :func:`surgery.shards.write_streamed_shards` to copy them unread.
+    def source(self, key: str, checked: bool = True) -> SourceBytes:
+        """Where ``key``'s stored bytes are, for :func:`surgery.shards.write_shard` to copy them unread.
+
+        Args:
+            checked: require that :meth:`get` read and checked ``key`` first (``False``: the caller
+                checks it before its output counts).
 
         Raises:
-            SurgeryError: ``key`` was not read and checked by :meth:`get` first.
+            SurgeryError: ``key`` was not read and checked first.
         """
-        if key not in self.checked:
+        if checked and key not in self.checked:
             raise SurgeryError(f"tensor {key!r} would be copied unchecked", "this is a bug; please report it")
         path, off, n, _, _ = self._where[key]
         return SourceBytes(path, off, n, key)

@@ -304,8 +304,9 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     Only the input embedding and the output head are read into memory (their names come from
     the config: the model is built on the ``meta`` device); every other tensor is copied shard
     by shard, bit for bit, in its own dtype (``dtype`` converts floating-point tensors when
-    given); tensors the calibration forward already read and checked are copied file to file
-    (:mod:`surgery.byte_copy`). Every tensor is checked for NaN/inf as it is read, the embedding and head before
+    given), from the start, beside the row computation (:class:`~surgery.transplant.body_copy.BodyWriter`:
+    with logit offsets, copied file to file and checked by the calibration forward that reads them);
+    the new rows get shards of their own at the end. Every tensor is checked for NaN/inf as it is read, the embedding and head before
     any other work. Everything is validated before the expensive work (output free,
     tokenizers load, shard headers and index consistent, aux model and donor present);
     nothing is written unless the whole run succeeds.
@@ -321,7 +322,6 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     from transformers import AutoConfig, GenerationConfig
 
     from surgery.checkpoint import CheckpointReader, atomic_output_dir, check_output_free, save_generation_config
-    from surgery.shards import write_streamed_shards
     from surgery.loading import checkpoint_folder, load_tokenizer, parse_dtype
     from surgery.transplant.streaming import embedding_keys, model_skeleton
 
@@ -357,49 +357,56 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     bias_fn = None  # the calibration forward, for methods that ask for logit offsets (OFFSETS)
     if OFFSETS.get(cfg.method, lambda c: False)(cfg):
         bias_fn = streamed_bias_fn(skeleton, reader, old_tok, cfg, in_f)  # keeps the calibration tokens' rows only
-    held = [in_f, out_f]
-    del in_f, out_f  # compute_rows gets the only references: it frees each old matrix once its rows are built
-    rows = compute_rows(held.pop(0), held.pop(0), kind, old_tok, new_tok, cfg, donor_in=donor_in,
-                        bias_fn=bias_fn, progress=progress, out_dtype=out_dtype)
-    data = rows.data
-    data["base_model"] = str(model_path)
-    data["new_tokenizer"] = str(tokenizer_path)
-    data["timings_s"]["load"] = round(t_load, 2)
 
-    t1 = time.time()
-    set_vocab_config(mcfg, rows.new_in.shape[0], kind != "none" and rows.new_out is None)
-    if convert is not None:
-        mcfg.dtype = convert
-    gen = (GenerationConfig.from_pretrained(str(folder)) if (folder / "generation_config.json").exists()
-           else GenerationConfig.from_model_config(mcfg))
-    data["config_ids"] = update_config_ids(SimpleNamespace(config=mcfg, generation_config=gen), old_tok,
-                                           rows.tokenizer, *rows.special)
-    new = {emb_key: rows.new_in}
-    if rows.new_out is not None:
-        new[head_key or head_name] = rows.new_out
-    entries = _output_entries(reader, new, head_key, head_name, out_dtype, convert)
-
-    copied_as_bytes = []
-
-    def produce(k: str):
-        if k not in new and convert is None and k in reader.checked:  # read and checked by the calibration forward
-            copied_as_bytes.append(k)
-            return reader.source(k)
-        t = new[k] if k in new else reader.get(k)
-        return t.to(convert) if convert is not None and t.is_floating_point() else t
-
+    from surgery.shards import name_shards, shard_plan, write_shard
+    from surgery.transplant.body_copy import BodyWriter
     from surgery.transplant.heal import ROWS_FILE, rows_file_content
 
     with atomic_output_dir(out, overwrite) as tmp:
-        index = write_streamed_shards(entries, produce, tmp, max_shard_bytes)
+        # the body is written from now on, beside the row computation (and read by the calibration forward)
+        body_keys = [k for k in reader.keys if k not in (emb_key, head_key)]  # a tied model's stored head is dropped
+        body = BodyWriter(reader, [(k, _body_dtype(reader.dtype(k), convert), reader.shape(k)) for k in body_keys],
+                          tmp, max_shard_bytes, convert, copy_unread=bias_fn is not None)
+        held = [in_f, out_f]
+        del in_f, out_f  # compute_rows gets the only references: it frees each old matrix once its rows are built
+        try:
+            rows = compute_rows(held.pop(0), held.pop(0), kind, old_tok, new_tok, cfg, donor_in=donor_in,
+                                bias_fn=bias_fn, progress=progress, out_dtype=out_dtype)
+            t1 = time.time()
+            files, tensors = body.finish()
+        except BaseException:
+            body.cancel()
+            raise
+        data = rows.data
+        data["base_model"] = str(model_path)
+        data["new_tokenizer"] = str(tokenizer_path)
+        data["timings_s"]["load"] = round(t_load, 2)
+        set_vocab_config(mcfg, rows.new_in.shape[0], kind != "none" and rows.new_out is None)
+        if convert is not None:
+            mcfg.dtype = convert
+        gen = (GenerationConfig.from_pretrained(str(folder)) if (folder / "generation_config.json").exists()
+               else GenerationConfig.from_model_config(mcfg))
+        data["config_ids"] = update_config_ids(SimpleNamespace(config=mcfg, generation_config=gen), old_tok,
+                                               rows.tokenizer, *rows.special)
+        new = {emb_key: rows.new_in}
+        if rows.new_out is not None:  # an untied head (also one untied on request: a new tensor)
+            new[head_key or head_name] = rows.new_out
+        new_entries = [(k, out_dtype, list(t.shape)) for k, t in new.items()]
+        for s, idxs in enumerate(shard_plan(new_entries, max_shard_bytes), 1):  # the new rows: shards of their own
+            part = [new_entries[i] for i in idxs]
+            path = tmp / f".rows-{s:05d}.safetensors"
+            write_shard(path, part, lambda k: new[k].to(out_dtype))
+            files.append(path)
+            tensors[path.name] = part
+        index = name_shards(tmp, files, tensors)
         mcfg.save_pretrained(tmp)
         save_generation_config(gen, tmp)
         rows.tokenizer.save_pretrained(tmp)
         data["stream"] = {"input_dtype": str(store).replace("torch.", ""),
                           "output_dtype": str(out_dtype).replace("torch.", ""),
-                          "tensors": len(entries), "tensors_passed_through": len(entries) - len(new),
-                          "tensors_copied_as_bytes": len(copied_as_bytes),
-                          "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"]}
+                          "tensors": len(body_keys) + len(new), "tensors_passed_through": len(body_keys),
+                          "tensors_copied_as_bytes": len(body_keys) if body.copy_unread else 0,
+                          "shards": len(files), "bytes": index["metadata"]["total_size"]}
         data["timings_s"]["save"] = round(time.time() - t1, 2)
         data["timings_s"]["wall"] = round(time.time() - t0, 2)
         rep = TransplantReport(rows.tokenizer, data, rows.copied)
@@ -408,6 +415,11 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
         (tmp / ROWS_FILE).write_text(rows_file_content(rows.copied, data["new_vocab"]["rows_padded"]))
     LOG.info("wrote %s (%d shards) in %.1fs", out, data["stream"]["shards"], data["timings_s"]["wall"])
     return data
+
+
+def _body_dtype(dt: torch.dtype, convert: torch.dtype | None) -> torch.dtype:
+    """The output dtype of a body tensor stored as ``dt`` (``convert`` applies to floating point only)."""
+    return convert if convert is not None and dt.is_floating_point else dt
 
 
 def _check_method_inputs(cfg: TransplantConfig, new_tok, tokenizer_path: str) -> None:
@@ -439,20 +451,3 @@ def _check_method_inputs(cfg: TransplantConfig, new_tok, tokenizer_path: str) ->
                 raise SurgeryError(f"donor {cfg.donor!r} has a different tokenizer ({len(donor_tok)} ids) than "
                                    f"{tokenizer_path!r} ({len(new_tok)} ids)",
                                    "the donor must be a model trained with the new tokenizer")
-
-
-def _output_entries(reader, new: dict, head_key: str | None, head_name: str, out_dtype: torch.dtype,
-                    convert: torch.dtype | None) -> list[tuple[str, torch.dtype, list[int]]]:
-    """``(name, dtype, shape)`` of every output tensor, in the input's order: the new embedding / head rows in
-    ``out_dtype``, every other tensor in its own dtype (``convert`` for floating point when given); a stored head of
-    a model that stays tied is dropped, a head untied on request is added at the end."""
-    entries = []
-    for k in reader.keys:
-        if k in new:
-            entries.append((k, out_dtype, list(new[k].shape)))
-        elif k != head_key:  # a stored head of a model that stays tied is dropped (transformers ties on load)
-            dt = reader.dtype(k)
-            entries.append((k, convert if convert is not None and dt.is_floating_point else dt, reader.shape(k)))
-    if head_key is None and head_name in new:  # a tied head untied on request: a new tensor
-        entries.append((head_name, out_dtype, list(new[head_name].shape)))
-    return entries

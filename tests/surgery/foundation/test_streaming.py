@@ -315,15 +315,25 @@ def test_streamed_tokenadapt_with_logit_offsets_equals_in_memory(tmp_path, toks)
     assert torch.equal(_tensors(out)["model.embed_tokens.weight"], mem.get_input_embeddings().weight)
 
 
-def test_nan_in_a_layer_found_by_the_calibration_forward(tmp_path, toks):
-    """With logit offsets the body is read by the calibration forward (in a read-ahead thread) and then
-    copied unread: a NaN there is still one clear error naming the tensor, and nothing is written."""
+@pytest.mark.parametrize("name", ["model.layers.1.self_attn.o_proj.weight", "model.extra.weight"])
+def test_nan_in_the_body_found_when_it_is_copied_unread(tmp_path, toks, name):
+    """With logit offsets the body is copied file to file from the start, unread, and checked by the
+    calibration forward that reads each layer (in a read-ahead thread); a tensor the forward never reads
+    (not part of the architecture) is checked at the end. A NaN in either is one clear error naming the
+    tensor, and nothing is written."""
+    from safetensors.torch import save_file
+
     asset_dir("minilm")
     old_tok, new_tok = toks
     base = _base(tmp_path, old_tok, tie=True, dtype=torch.float32)
-    _poison(base, "model.layers.1.self_attn.o_proj.weight", dtype=torch.float32)
+    if name == "model.extra.weight":  # one more shard, listed in the index
+        save_file({name: torch.ones(8)}, str(base / "extra.safetensors"), metadata={"format": "pt"})
+        idx = json.loads((base / INDEX_NAME).read_text())
+        idx["weight_map"][name] = "extra.safetensors"
+        (base / INDEX_NAME).write_text(json.dumps(idx))
+    _poison(base, name, dtype=torch.float32)
     cfg = TransplantConfig(method="tokenadapt", cache_dir=str(tmp_path / "aux"), aux_dtype="float32", device="cpu")
     out = tmp_path / "out"
-    with pytest.raises(SurgeryError, match="model.layers.1.self_attn.o_proj.weight.*NaN or inf"):
+    with pytest.raises(SurgeryError, match=f"{name}.*NaN or inf"):
         transplant_checkpoint(str(base), str(new_tok_dir(tmp_path, new_tok)), str(out), cfg, progress=False)
     _no_output(tmp_path, out)

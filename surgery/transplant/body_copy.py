@@ -1,0 +1,87 @@
+"""The unchanged body of a streamed transplant, written while the new rows are computed.
+
+Every tensor but the input embedding and the output head passes through a transplant
+unchanged. :class:`BodyWriter` writes them into their shards in a background thread from the
+start, while the vocabularies, the init method and the calibration forward run: with logit
+offsets the calibration forward reads (and checks) every decoder layer anyway, so the writer
+copies the stored bytes file to file without reading them (:mod:`surgery.byte_copy`), and
+:meth:`BodyWriter.finish` reads and checks whatever the forward did not. Without offsets (or
+with a dtype conversion) each tensor is read, checked and written by the writer itself. Either
+way no tensor reaches a finished output unchecked, and the output folder stays temporary until
+everything succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from surgery.shards import Entry, shard_plan, write_shard
+from surgery.transplant.rows import BackgroundCall
+
+LOG = logging.getLogger(__name__)
+
+
+class BodyWriter:
+    """Write ``entries`` (the body, in input order) as shards of ``folder`` in a background thread.
+
+    Args:
+        reader: the :class:`~surgery.checkpoint.CheckpointReader` of the input.
+        entries: ``(name, dtype, shape)`` of the body tensors (in their output dtype).
+        convert: dtype floating-point tensors are converted to, or ``None``.
+        copy_unread: copy stored bytes without reading them (someone else reads and checks them).
+    """
+
+    def __init__(self, reader, entries: list[Entry], folder: Path, max_shard_bytes: int,
+                 convert: torch.dtype | None = None, copy_unread: bool = False):
+        self.reader, self.entries, self.folder, self.convert = reader, entries, Path(folder), convert
+        self.copy_unread = copy_unread and convert is None
+        self.files: list[Path] = []
+        self.tensors: dict[str, list[Entry]] = {}
+        self._stop = threading.Event()
+        self._plan = shard_plan(entries, max_shard_bytes) if entries else []
+        self._call = BackgroundCall(self._run)
+
+    def _produce(self, k: str):
+        if self.copy_unread:
+            return self.reader.source(k, checked=False)
+        t = self.reader.get(k)
+        return t.to(self.convert) if self.convert is not None and t.is_floating_point() else t
+
+    def _run(self) -> None:
+        for s, idxs in enumerate(self._plan, 1):
+            if self._stop.is_set():
+                return
+            part = [self.entries[i] for i in idxs]
+            path = self.folder / f".body-{s:05d}.safetensors"
+            write_shard(path, part, self._produce, cancelled=self._stop.is_set)
+            self.files.append(path)
+            self.tensors[path.name] = part
+
+    def finish(self) -> tuple[list[Path], dict[str, list[Entry]]]:
+        """Wait for the writer, then read and check every body tensor nobody checked.
+
+        Returns:
+            ``(files, {file name: entries})`` for :func:`surgery.shards.name_shards`.
+
+        Raises:
+            SurgeryError: a truncated input or a tensor with NaN/inf values.
+        """
+        self._call.result()
+        unread = [k for k, _, _ in self.entries if k not in self.reader.checked]
+        if unread and self.copy_unread:
+            LOG.info("checking %d body tensors the calibration forward did not read", len(unread))
+        for k in unread:
+            self.reader.get(k)
+        return self.files, self.tensors
+
+    def cancel(self) -> None:
+        """Stop after the tensor in flight and wait (the caller is failing; its errors win)."""
+        self._stop.set()
+        try:
+            self._call.result()
+        except BaseException:  # noqa: BLE001 - the caller's error is the one to report
+            pass
