@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -20,13 +21,36 @@ def test_chunked_row_stats_match_the_exact_reduction(monkeypatch):
     torch.testing.assert_close(std, exact.std(0), rtol=1e-9, atol=1e-15)
 
 
-def test_combine_equals_scipy_on_the_upcast_matrix_bit_for_bit():
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_build_matrix_in_column_blocks_equals_one_product_of_the_upcast_matrix(monkeypatch, out_dtype):
+    """Column blocks and target chunks (forced small here) give the rows of one float64 ``coef @ old``
+    bit for bit; random rows are N(mean, std) draws; copies are exact and win over everything."""
+    from surgery.transplant.methods import SRC_HYBRID, SRC_RANDOM
+
     rng = np.random.default_rng(1)
-    src = (rng.standard_normal((500, 40)) * 0.05).astype(np.float32)
-    r = np.repeat(np.arange(60), 5)
-    coef = sp.csr_matrix((rng.random(300), (r, rng.integers(0, 500, 300))), shape=(60, 500))
+    V, d, T, V_pad = 500, 40, 60, 96
+    old = torch.from_numpy((rng.standard_normal((V, d)) * 0.05).astype(np.float32))
+    r = np.repeat(np.arange(T), 5)
+    coef = sp.csr_matrix((rng.random(T * 5), (r, rng.integers(0, V, T * 5))), shape=(T, V))
     coef.sum_duplicates()
-    want = np.asarray(coef @ src.astype(np.float64)).astype(np.float32)  # the whole matrix upcast, as scipy does
-    got = rows_mod._combine(coef, src)
-    assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, want)
+    source = np.full(T, SRC_HYBRID, dtype=np.int8)
+    source[[3, 17]] = SRC_RANDOM
+    coef = sp.csr_matrix(coef.multiply((source != SRC_RANDOM)[:, None]))  # random rows combine nothing
+    targets = np.sort(rng.choice(V_pad, T, replace=False))
+    free = np.setdiff1d(np.arange(V_pad), targets)
+    copies = ((np.array([free[0], targets[5]]), np.array([7, 8])),)  # a copy over a target wins
+    base = np.arange(V)
+    monkeypatch.setattr(rows_mod, "_BLOCK_BYTES", 7 * V * 8)  # 7 columns per float64 block: 6 blocks
+    got = rows_mod.build_matrix(old, out_dtype, coef, source, targets, copies, V_pad, base,
+                                torch.Generator().manual_seed(3), chunk=16)
+
+    x = old.double()
+    mean, std = x.mean(0), x.std(0)
+    want = mean.to(out_dtype).expand(V_pad, d).clone()
+    comb = torch.from_numpy(np.asarray(coef @ old.numpy().astype(np.float64)).astype(np.float32))
+    want[torch.as_tensor(targets)] = comb.to(out_dtype)
+    rnd = (torch.randn(2, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * std + mean).float()
+    want[torch.as_tensor(targets[[3, 17]])] = rnd.to(out_dtype)
+    want[torch.as_tensor(copies[0][0])] = old[torch.as_tensor(copies[0][1])].to(out_dtype)
+    assert got.dtype == out_dtype
+    assert torch.equal(got, want)
