@@ -15,7 +15,7 @@ from distill.teacher_dist import TeacherDist
 
 
 def test_registry_and_combine():
-    assert set(LOSSES) == {"pkl", "hkl", "tkl", "uld", "gold", "kl", "ce", "alm"}
+    assert set(LOSSES) == {"pkl", "hkl", "tkl", "uld", "gold", "kl", "ce", "alm", "hidden"}
     ce = torch.tensor(2.0, requires_grad=True)
     kd = torch.tensor(0.5, requires_grad=True)
     total = combine(ce, [kd], [1.0], ce_weight=0.1, kd_weight=1.0, rescale=True)
