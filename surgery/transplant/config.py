@@ -144,7 +144,7 @@ class HealConfig(Config):
         "help": "none (next-token CE only), auto (the base model named in the input's transplant_report.json, with "
                 "its own tokenizer) or a model: teaches through --loss on blocks of the text"})
     loss: str = field(default="alm", metadata={
-        "help": "the teacher's cross-vocabulary loss (alm, pkl, hkl, tkl, uld, gold; with --teacher)"})
+        "help": "the teacher's cross-vocabulary loss (alm, hidden, pkl, hkl, tkl, uld, gold; with --teacher)"})
     teacher_balance: Literal["gradient", "value"] = field(default="gradient", metadata={
         "help": "how the teacher's term is scaled against CE (with --teacher): gradient (|dCE/dz| / |dKD/dz| on "
                 "the student logits, so it pulls as hard as CE) or value (KD x CE/KD)"})
@@ -180,8 +180,10 @@ class HealConfig(Config):
             problems.append(f"negatives must be >= 0, got {self.negatives}")
         if self.warmup < 0:
             problems.append(f"warmup must be >= 0, got {self.warmup}")
-        if self.loss not in ("alm", "pkl", "hkl", "tkl", "uld", "gold"):
-            problems.append(f"loss must be a cross-vocabulary loss (alm, pkl, hkl, tkl, uld, gold), got {self.loss!r}")
+        from distill.teaching import TEACHER_LOSSES
+
+        if self.loss not in TEACHER_LOSSES:
+            problems.append(f"loss must be a cross-vocabulary loss ({', '.join(TEACHER_LOSSES)}), got {self.loss!r}")
         if self.eval_every < 0:
             problems.append(f"eval_every must be >= 0, got {self.eval_every}")
         if self.checkpoint_every < 1:

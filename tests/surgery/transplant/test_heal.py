@@ -276,3 +276,15 @@ def test_periodic_heldout_bits_per_byte(transplanted, tmp_path):
     evals = [r for r in metrics if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [2] and evals[0]["heldout_bpb"] > 0  # not at the last step: `after` is
     assert summary["steps"] == 4 and summary["bits_per_byte_after"] < summary["bits_per_byte_before"]
+
+
+def test_heal_config_accepts_every_registered_teacher_loss_and_only_those():
+    from distill.teaching import TEACHER_LOSSES
+    from surgery.errors import ConfigError
+    from surgery.transplant.config import HealConfig
+
+    assert "hidden" in TEACHER_LOSSES
+    for name in TEACHER_LOSSES:
+        assert HealConfig(loss=name, steps=1).loss == name
+    with pytest.raises(ConfigError, match="cross-vocabulary loss"):
+        HealConfig(loss="kl", steps=1)
