@@ -2,8 +2,8 @@
 
 :func:`write_streamed_shards` plans shards by size and writes them in order, one tensor in
 flight. A writer that produces some tensors long before others (a transplant: the unchanged body
-at once, the new embedding rows at the end) writes each shard with :func:`write_shard` under a
-provisional name, in any order, and :func:`name_shards` gives them their final
+at once, the new embedding rows at the end) writes groups of shards with :func:`write_parts` under
+provisional names, in any order, and :func:`name_shards` gives them their final
 ``model-0000i-of-0000N.safetensors`` names and writes the index.
 """
 
@@ -106,6 +106,26 @@ def name_shards(folder: Path, files: list[Path], tensors: dict[str, list[Entry]]
     return index
 
 
+def write_parts(entries: list[Entry], produce, folder: Path, plan: list[list[int]], prefix: str,
+                cancelled=None) -> tuple[list[Path], dict[str, list[Entry]]]:
+    """Write the shards of ``plan`` (lists of indices into ``entries``) under provisional names
+    ``.PREFIX-0000s.safetensors`` (:func:`write_shard`; ``cancelled`` is asked between shards too).
+
+    Returns:
+        ``(files, {file name: entries})`` for :func:`name_shards`.
+    """
+    files, tensors = [], {}
+    for s, idxs in enumerate(plan, 1):
+        if cancelled is not None and cancelled():
+            break
+        part = [entries[i] for i in idxs]
+        path = folder / f".{prefix}-{s:05d}.safetensors"
+        write_shard(path, part, produce, cancelled)
+        files.append(path)
+        tensors[path.name] = part
+    return files, tensors
+
+
 def write_streamed_shards(entries: list[Entry], produce, folder: Path, max_shard_bytes: int = 5 * 1000**3,
                           groups: list[list[int]] | None = None) -> dict:
     """Write tensors one at a time into HF-named shards plus ``model.safetensors.index.json``.
@@ -122,11 +142,4 @@ def write_streamed_shards(entries: list[Entry], produce, folder: Path, max_shard
     if len({k for k, _, _ in entries}) != len(entries):
         raise SurgeryError("duplicate tensor names in a checkpoint write", "this is a bug; please report it")
     plan = groups if groups is not None else shard_plan(entries, max_shard_bytes)
-    files, tensors = [], {}
-    for s, idxs in enumerate(plan, 1):
-        part = [entries[i] for i in idxs]
-        path = folder / f".part-{s:05d}.safetensors"
-        write_shard(path, part, produce)
-        files.append(path)
-        tensors[path.name] = part
-    return name_shards(folder, files, tensors)
+    return name_shards(folder, *write_parts(entries, produce, folder, plan, "part"))

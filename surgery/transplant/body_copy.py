@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.shards import Entry, shard_plan, write_shard
+from surgery.shards import Entry, shard_plan, write_parts
 from surgery.transplant.rows import BackgroundCall
 
 LOG = logging.getLogger(__name__)
@@ -39,27 +39,16 @@ class BodyWriter:
                  convert: torch.dtype | None = None, copy_unread: bool = False):
         self.reader, self.entries, self.folder, self.convert = reader, entries, Path(folder), convert
         self.copy_unread = copy_unread and convert is None
-        self.files: list[Path] = []
-        self.tensors: dict[str, list[Entry]] = {}
         self._stop = threading.Event()
-        self._plan = shard_plan(entries, max_shard_bytes) if entries else []
-        self._call = BackgroundCall(self._run)
+        plan = shard_plan(entries, max_shard_bytes)
+        self._call = BackgroundCall(lambda: write_parts(entries, self._produce, self.folder, plan, "body",
+                                                        self._stop.is_set), name="body-writer")
 
     def _produce(self, k: str):
         if self.copy_unread:
             return self.reader.source(k, checked=False)
         t = self.reader.get(k)
         return t.to(self.convert) if self.convert is not None and t.is_floating_point() else t
-
-    def _run(self) -> None:
-        for s, idxs in enumerate(self._plan, 1):
-            if self._stop.is_set():
-                return
-            part = [self.entries[i] for i in idxs]
-            path = self.folder / f".body-{s:05d}.safetensors"
-            write_shard(path, part, self._produce, cancelled=self._stop.is_set)
-            self.files.append(path)
-            self.tensors[path.name] = part
 
     def finish(self) -> tuple[list[Path], dict[str, list[Entry]]]:
         """Wait for the writer, then read and check every body tensor nobody checked.
@@ -70,13 +59,13 @@ class BodyWriter:
         Raises:
             SurgeryError: a truncated input or a tensor with NaN/inf values.
         """
-        self._call.result()
+        written = self._call.result()
         unread = [k for k, _, _ in self.entries if k not in self.reader.checked]
         if unread and self.copy_unread:
             LOG.info("checking %d body tensors the calibration forward did not read", len(unread))
         for k in unread:
             self.reader.get(k)
-        return self.files, self.tensors
+        return written
 
     def cancel(self) -> None:
         """Stop after the tensor in flight and wait (the caller is failing; its errors win)."""

@@ -2,8 +2,8 @@
 
 :func:`build_matrix` writes the combinations ``coef @ old`` block by block straight into the
 result (work memory: the result plus one float64 column block of the old rows), so a 262k-row
-head of an 8B model is built without float64 copies of the whole matrix. Copied rows stay bit-exact: the old
-rows arrive as exact float32 upcasts and are cast back to the stored dtype.
+head of an 8B model is built without float64 copies of the whole matrix. Copied rows stay
+bit-exact: the old rows arrive as exact float32 upcasts and are cast back to the stored dtype.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.n
 
     The combinations ``coef @ old`` are float64 sums (scipy's CSR product: each element sums its
     products in the order of the row's entries), computed one column block of ``old`` at a time:
-    each block is upcast to float64 once (at most 512 MB), then every ``chunk`` of targets is
+    each block is upcast to float64 once (at most 1 GB), then every ``chunk`` of targets is
     combined from it and written straight into the result. Gathering the used rows per chunk
     instead upcast every row once per chunk that uses it (44 GB of float64 for the 169k Gemma-3
     targets of an 8B head, against 4.2 GB here); the sums, hence the rows, are the same.
@@ -161,10 +161,10 @@ def streamed_bias_fn(skeleton, reader, old_tok, cfg, in_rows: torch.Tensor):
     Returns:
         ``fn() -> (δ, fit) | None``.
     """
-    from surgery.transplant.streaming import LayerStreamer, layer_parameter_count
+    from surgery.transplant.streaming import LayerStreamer, calibration_positions, layer_parameter_count
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    plan = calibration_plan(cfg, max_positions=LayerStreamer.positions_within_budget(layer_parameter_count(skeleton)))
+    plan = calibration_plan(cfg, max_positions=calibration_positions(layer_parameter_count(skeleton)))
     if plan is None:
         return lambda: None
     texts, max_tokens = plan
@@ -186,15 +186,17 @@ def streamed_bias_fn(skeleton, reader, old_tok, cfg, in_rows: torch.Tensor):
 
 
 class BackgroundCall:
-    """``fn()`` started now in a daemon thread; :meth:`result` waits for it and re-raises its error.
+    """``fn()`` started now in a daemon thread (named ``name``); :meth:`result` waits for it and
+    re-raises its error.
 
-    The calibration forward of a large checkpoint is bound by reading the body (16 GB for 8B shapes),
-    the init method by arithmetic: started before the method, the forward runs beside it.
+    The calibration forward of a large checkpoint and the body writer are bound by reading and
+    writing the body (16 GB for 8B shapes), the init method by arithmetic: started before the
+    method, they run beside it.
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, name: str = "calibration"):
         self._value = self._error = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="calibration", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, fn) -> None:

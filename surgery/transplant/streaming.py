@@ -132,6 +132,12 @@ def layer_parameter_count(model) -> int:
     return sum(p.numel() for lst in _layer_lists(model) for p in lst.parameters())
 
 
+def calibration_positions(layer_params: int) -> int:
+    """Positions a forward through ``layer_params`` decoder-layer parameters may run within
+    :data:`CALIBRATION_FLOPS`."""
+    return int(CALIBRATION_FLOPS / max(2 * layer_params, 1))
+
+
 class _StopAtHead(Exception):
     """Raised by the head's pre-hook in :meth:`LayerStreamer.head_inputs` (no logits are computed)."""
 
@@ -184,7 +190,6 @@ class LayerStreamer(contextlib.AbstractContextManager):
                 self.hooks.append(layer.register_forward_hook(self._dropper()))
                 if i + 1 < len(lst):
                     self._next[f"{prefix}.{i}."] = (f"{prefix}.{i + 1}.", lst[i + 1])
-        self.layer_params = layer_parameter_count(skeleton)
 
     def _once(self, fn) -> None:
         """``fn()`` now (alone), or, in lockstep, by one thread once all have arrived, the others waiting."""
@@ -254,9 +259,8 @@ class LayerStreamer(contextlib.AbstractContextManager):
         groups = length_groups(seqs)
         return ungroup(groups, self._lockstep([torch.cat([seqs[j] for j in g]) for g in groups]))
 
-    def _lockstep(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _lockstep(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Head inputs ``(n_b · L_b, d)`` of each ``(n_b, L_b)`` batch, one thread per batch in lockstep."""
-        seqs = batches
         head = self.model.get_output_embeddings()
         grabbed: dict[int, torch.Tensor] = {}
         errors: list[BaseException] = []
@@ -294,16 +298,6 @@ class LayerStreamer(contextlib.AbstractContextManager):
             first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
             raise first
         return out
-
-    def max_positions(self) -> int:
-        """Calibration positions within :data:`CALIBRATION_FLOPS` of forward work."""
-        return self.positions_within_budget(self.layer_params)
-
-    @staticmethod
-    def positions_within_budget(layer_params: int) -> int:
-        """Positions a forward through ``layer_params`` decoder-layer parameters may run within
-        :data:`CALIBRATION_FLOPS`."""
-        return int(CALIBRATION_FLOPS / max(2 * layer_params, 1))
 
     def __exit__(self, *exc):
         for f in self._pending.values():  # a forward that stopped early leaves a read-ahead behind

@@ -23,7 +23,7 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.transplant.config import TransplantConfig
-from surgery.transplant.methods import METHODS, OFFSETS, MethodInputs
+from surgery.transplant.methods import METHODS, MethodInputs, method_wants_offsets
 from surgery.transplant.report import TransplantReport, model_card, rows_report
 from surgery.transplant.rows import BackgroundCall, build_matrix, fit_bias_direction, streamed_bias_fn
 from surgery.transplant.surgery_ops import (add_chat_markers, chat_template_plan, embedding_modules,
@@ -69,7 +69,7 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
         donor_in: for ``omp``: ``(V_new, d')`` input rows of a model that speaks ``new_tok``.
         bias_fn: ``bias_fn() -> (δ (d,), fit) | None``, the logit-bias direction of the unmodified
             model; started in a background thread before the vocabularies when the method will ask
-            for logit offsets (:data:`~surgery.transplant.methods.OFFSETS`), so the calibration
+            for logit offsets (:func:`~surgery.transplant.methods.method_wants_offsets`), so the calibration
             forward runs beside the rest, else called when the plan asks for them.
         out_dtype: dtype of the new rows (default: ``old_in``'s).
 
@@ -88,7 +88,7 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     separate = head == "untied" or (tied and cfg.untie)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     early = None  # the calibration forward runs beside everything else when the method will want logit offsets
-    if bias_fn is not None and OFFSETS.get(cfg.method, lambda c: False)(cfg):
+    if bias_fn is not None and method_wants_offsets(cfg):
         early = BackgroundCall(bias_fn)
 
     new_tok, old_vocab, new_vocab, filled, added_markers, timings["vocabularies"] = _vocabularies(
@@ -306,8 +306,8 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     by shard, bit for bit, in its own dtype (``dtype`` converts floating-point tensors when
     given), from the start, beside the row computation (:class:`~surgery.transplant.body_copy.BodyWriter`:
     with logit offsets, copied file to file and checked by the calibration forward that reads them);
-    the new rows get shards of their own at the end. Every tensor is checked for NaN/inf as it is read, the embedding and head before
-    any other work. Everything is validated before the expensive work (output free,
+    the new rows get shards of their own at the end. Every tensor is checked for NaN/inf as it is
+    read, the embedding and head before any other work. Everything is validated before the expensive work (output free,
     tokenizers load, shard headers and index consistent, aux model and donor present);
     nothing is written unless the whole run succeeds.
 
@@ -354,11 +354,11 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     out_f = reader.get(head_key).float() if kind == "untied" else None
     LOG.info("read %s%s (%s) from %s", emb_key, f" and {head_key}" if kind == "untied" else "", store, folder)
     t_load = time.time() - t0
-    bias_fn = None  # the calibration forward, for methods that ask for logit offsets (OFFSETS)
-    if OFFSETS.get(cfg.method, lambda c: False)(cfg):
+    bias_fn = None  # the calibration forward, for methods that ask for logit offsets
+    if method_wants_offsets(cfg):
         bias_fn = streamed_bias_fn(skeleton, reader, old_tok, cfg, in_f)  # keeps the calibration tokens' rows only
 
-    from surgery.shards import name_shards, shard_plan, write_shard
+    from surgery.shards import name_shards, shard_plan, write_parts
     from surgery.transplant.body_copy import BodyWriter
     from surgery.transplant.heal import ROWS_FILE, rows_file_content
 
@@ -391,14 +391,10 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
         new = {emb_key: rows.new_in}
         if rows.new_out is not None:  # an untied head (also one untied on request: a new tensor)
             new[head_key or head_name] = rows.new_out
-        new_entries = [(k, out_dtype, list(t.shape)) for k, t in new.items()]
-        for s, idxs in enumerate(shard_plan(new_entries, max_shard_bytes), 1):  # the new rows: shards of their own
-            part = [new_entries[i] for i in idxs]
-            path = tmp / f".rows-{s:05d}.safetensors"
-            write_shard(path, part, lambda k: new[k].to(out_dtype))
-            files.append(path)
-            tensors[path.name] = part
-        index = name_shards(tmp, files, tensors)
+        new_entries = [(k, out_dtype, list(t.shape)) for k, t in new.items()]  # the new rows: shards of their own
+        row_files, row_tensors = write_parts(new_entries, new.__getitem__, tmp, shard_plan(new_entries, max_shard_bytes),
+                                             "rows")
+        index = name_shards(tmp, files + row_files, {**tensors, **row_tensors})
         mcfg.save_pretrained(tmp)
         save_generation_config(gen, tmp)
         rows.tokenizer.save_pretrained(tmp)
@@ -406,7 +402,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
                           "output_dtype": str(out_dtype).replace("torch.", ""),
                           "tensors": len(body_keys) + len(new), "tensors_passed_through": len(body_keys),
                           "tensors_copied_as_bytes": len(body_keys) if body.copy_unread else 0,
-                          "shards": len(files), "bytes": index["metadata"]["total_size"]}
+                          "shards": len(files) + len(row_files), "bytes": index["metadata"]["total_size"]}
         data["timings_s"]["save"] = round(time.time() - t1, 2)
         data["timings_s"]["wall"] = round(time.time() - t0, 2)
         rep = TransplantReport(rows.tokenizer, data, rows.copied)

@@ -18,16 +18,17 @@ Methods:
   matching pursuit in :mod:`surgery.transplant.omp`.
 """
 
-from surgery.transplant.methods.base import (METHODS, OFFSETS, SOURCE_NAMES, SRC_GLOBAL, SRC_HYBRID, SRC_LOCAL, SRC_MEAN,
-                                             SRC_NONE, SRC_OMP, SRC_RANDOM, MethodInputs, RowPlan, onehot_rows,
-                                             register_method, row_scale)
+from surgery.transplant.methods.base import (METHODS, OFFSETS, SOURCE_NAMES, SRC_GLOBAL, SRC_HYBRID, SRC_LOCAL,
+                                             SRC_MEAN, SRC_NONE, SRC_OMP, SRC_RANDOM, MethodInputs, RowPlan,
+                                             method_wants_offsets, onehot_rows, register_method, row_scale)
 from surgery.transplant.methods import donor, simple, tokenadapt  # noqa: F401  (each registers its methods)
 from surgery.transplant.methods.tokenadapt import (DEFAULT_BIAS_TIED, DEFAULT_BIAS_UNTIED, apply_io_split,
                                                    extra_units, global_weights, local_weights, neighbours_dedup,
                                                    segment_softmax, tokenadapt_plan)
 from surgery.vocab.pieces import Pieces, decompose
 
-__all__ = ["METHODS", "OFFSETS", "SOURCE_NAMES", "SRC_NONE", "SRC_LOCAL", "SRC_GLOBAL", "SRC_HYBRID", "SRC_RANDOM", "SRC_MEAN",
-           "SRC_OMP", "MethodInputs", "RowPlan", "register_method", "onehot_rows", "row_scale", "Pieces", "decompose",
+__all__ = ["METHODS", "OFFSETS", "SOURCE_NAMES", "SRC_NONE", "SRC_LOCAL", "SRC_GLOBAL", "SRC_HYBRID", "SRC_RANDOM",
+           "SRC_MEAN", "SRC_OMP", "MethodInputs", "RowPlan", "register_method", "method_wants_offsets", "onehot_rows",
+           "row_scale", "Pieces", "decompose",
            "DEFAULT_BIAS_TIED", "DEFAULT_BIAS_UNTIED", "apply_io_split", "extra_units", "global_weights",
            "local_weights", "neighbours_dedup", "segment_softmax", "tokenadapt_plan"]

@@ -97,6 +97,12 @@ def register_method(name: str, offsets: Callable[[object], bool] | None = None):
     return deco
 
 
+def method_wants_offsets(config) -> bool:
+    """Whether ``config.method`` will ask for logit offsets under ``config`` (:data:`OFFSETS`)."""
+    offsets = OFFSETS.get(config.method)
+    return offsets is not None and offsets(config)
+
+
 def onehot_rows(ids: np.ndarray, n_cols: int) -> sp.csr_matrix:
     """``(len(ids), n_cols)`` with a 1 at ``(t, ids[t])``; rows with ``ids[t] < 0`` stay empty."""
     ok = ids >= 0
