@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from distill.losses.base import ChunkedBatch, KDLoss, register_loss
+from distill.losses.token_logp import token_log_probs
 from distill.teacher_dist import TeacherDist
 
 ALM_TEMPERATURE = 100.0  # tokenkit's binarization_temp default
@@ -133,9 +134,7 @@ class ALMLoss(KDLoss):
         if batch.student_target_logp is not None:  # the trainer's (distill.losses.token_logp): no second pass
             s_tok = batch.student_target_logp.float()
         else:
-            logq = torch.log_softmax(batch.student_logits.float(), dim=-1)
-            tgt = batch.student_targets.to(logq.device)
-            s_tok = logq.gather(1, tgt.clamp_min(0)[:, None])[:, 0] * (tgt >= 0)
+            s_tok = token_log_probs(batch.student_logits, batch.student_targets)[0]
         dev = s_tok.device
         C = batch.n_chunks
         log_s = chunk_sum(s_tok, batch.student_chunk.to(dev), C).clamp(max=0.0)
