@@ -111,7 +111,7 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
     budget = {"steps": args.heal_steps} if args.heal_steps else {"minutes": args.heal_minutes}
     cfg = HealConfig(**budget, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
                      warmup=3, checkpoint_every=100000, params=params, negatives=args.heal_negatives,
-                     teacher=teacher, loss=args.heal_loss)
+                     teacher=teacher, loss=args.heal_loss, autocast=args.heal_autocast)
     t3 = time.time()
     s = heal_checkpoint(str(src), heal_texts, str(out), cfg, overwrite=True, progress=False)
     model = load_model(out)
@@ -126,7 +126,8 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
               "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],
               "heal_tokens": s["tokens_seen"], "heal_rows_trained": s.get("rows_trained"),
               "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "negatives", "all_lr",
-                                                          "lora_lr", "teacher_balance") if k in s["config"]}})
+                                                          "lora_lr", "teacher_balance", "autocast", "teacher_dtype")
+                                if k in s["config"]}, "bf16_autocast": s.get("bf16_autocast")})
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-cells", nargs="+", default=None, metavar="PARAMS:TEACHER",
                     help="heal exactly these cells in this order (e.g. all:none all:auto head:none) instead of the "
                          "product of --heal-params and --heal-teachers")
+    ap.add_argument("--heal-autocast", default="auto", choices=["auto", "bf16", "off"],
+                    help="mixed precision of the heal (auto: bf16 on CUDA, float32 on CPU)")
     ap.add_argument("--heal-loss", default="alm", help="the teacher's cross-vocabulary loss (with --heal-teachers auto)")
     ap.add_argument("--lock", default=None,
                     help="hold this file's flock during each transplant + evaluation and each heal (lets other jobs "

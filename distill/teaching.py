@@ -130,10 +130,21 @@ class TeacherTask:
         return {"tokens": self.tokens}
 
 
+def teacher_dtype(name: str, autocast: str, device: torch.device) -> torch.dtype:
+    """The dtype of a heal teacher's weights: ``name``, or for ``auto`` bfloat16 when the heal's forward passes
+    run under bf16 autocast (``autocast`` as in :func:`distill.trainer.loop.use_bf16`), float32 otherwise."""
+    from distill.trainer.loop import use_bf16
+
+    if name == "auto":
+        return torch.bfloat16 if use_bf16(autocast, device) else torch.float32
+    return getattr(torch, name)
+
+
 def heal_teacher_task(teacher_name: str, tokenizer, texts, config) -> TeacherTask:
     """The :class:`TeacherTask` of a heal (``config``: a :class:`surgery.transplant.config.HealConfig` with
     ``loss``, ``teacher_balance``, ``seq_len``, ``batch_size``, ``seed``, ``device``)."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher, s_vocab, lc = load_heal_teacher(teacher_name, tokenizer, config.loss, device,
+                                             dtype=teacher_dtype(config.teacher_dtype, config.autocast, device),
                                              rescale_by=config.teacher_balance)
     return TeacherTask(texts, tokenizer, s_vocab, teacher, lc, config.seq_len, config.batch_size, config.seed, device)

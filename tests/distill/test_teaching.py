@@ -73,3 +73,31 @@ def test_heal_teacher_task_balances_as_configured(balance, tiny_student, tiny_te
     assert torch.isfinite(total) and mets["kd0"] > 0
     doubled = total.item() == pytest.approx(2 * mets["ce"], rel=1e-4)  # CE + KD rescaled to CE's value
     assert doubled == (balance == "value")
+
+
+def test_heal_teacher_dtype_follows_autocast_and_a_bf16_teacher_teaches_the_same(tiny_student, tiny_teacher,
+                                                                                 tiny_text):
+    """``teacher_dtype=auto`` loads the teacher in bf16 exactly when the heal runs under bf16 autocast; that
+    teacher's term (its log-probs upcast to float32) stays close to the float32 teacher's on the same batch."""
+    from distill.teaching import heal_teacher_task
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.transplant.config import HealConfig
+
+    tok = load_tokenizer(str(tiny_student))
+    texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")]
+    kd, dtypes = {}, {}
+    for autocast in ("off", "bf16"):
+        cfg = HealConfig(steps=1, teacher=str(tiny_teacher), loss="alm", seq_len=48, batch_size=2, device="cpu",
+                         autocast=autocast, teacher_balance="value")
+        task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
+        dtypes[autocast] = next(task.teacher.model.parameters()).dtype
+        student = load_model(str(tiny_student))
+        (batch,) = task.micro_batches(0)
+        with torch.no_grad():
+            _, mets = task.loss(student, batch, contextlib.nullcontext)  # the student in float32 both times
+        kd[autocast] = mets["kd0"]
+    assert dtypes == {"off": torch.float32, "bf16": torch.bfloat16}
+    assert kd["bf16"] == pytest.approx(kd["off"], rel=0.05) and kd["bf16"] != kd["off"]
+    cfg = HealConfig(steps=1, teacher=str(tiny_teacher), autocast="bf16", teacher_dtype="float32", device="cpu")
+    task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
+    assert next(task.teacher.model.parameters()).dtype == torch.float32  # an explicit dtype wins
