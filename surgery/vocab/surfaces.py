@@ -28,6 +28,7 @@ matching.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -150,8 +151,14 @@ def _is_start_rule(n) -> bool:
 
 
 def _raw_encoder_json(j: dict) -> dict:
-    """A copy of the tokenizer that encodes a fragment as it would appear mid-text."""
-    j = json.loads(json.dumps(j))
+    """A copy of the tokenizer that encodes a fragment as it would appear mid-text (``j`` is left as it is).
+
+    Only the components that change are copied; the vocabulary and merges are shared with ``j``
+    (a deep copy of a 262k-token JSON takes a second).
+    """
+    j = dict(j)
+    j["normalizer"] = copy.deepcopy(j.get("normalizer"))
+    j["pre_tokenizer"] = copy.deepcopy(j.get("pre_tokenizer"))
     j["post_processor"] = None
     j["truncation"] = None
     j["padding"] = None

@@ -168,3 +168,36 @@ def test_split_utf8(data):
         else:
             with pytest.raises(UnicodeDecodeError):
                 p.decode("utf-8")
+
+
+@pytest.mark.parametrize("name", ["llama3-tokenizer", "gemma3-270m", "mistral-v1-tokenizer"])
+def test_raw_encoder_json_leaves_the_tokenizer_json_alone_and_equals_an_edited_deep_copy(name):
+    """The mid-text encoder's JSON (only the changed components copied) equals the same edits made on a full
+    deep copy, and the tokenizer's own JSON is unchanged afterwards."""
+    import copy
+    import json
+
+    from surgery.vocab.surfaces import _raw_encoder_json, backend_json
+
+    j = backend_json(tokenizer(name))
+    before = json.dumps(j, sort_keys=True)
+    got = _raw_encoder_json(j)
+    assert json.dumps(j, sort_keys=True) == before
+    want = copy.deepcopy(j)
+    want["post_processor"] = want["truncation"] = want["padding"] = None
+    norm = want.get("normalizer")
+    if isinstance(norm, dict) and norm.get("type") == "Sequence":
+        norm["normalizers"] = [n for n in norm["normalizers"]
+                               if not (n.get("type") == "Prepend" or str(n.get("pattern", {}).get("Regex", ""))
+                                       .startswith("\\A"))]
+    elif isinstance(norm, dict) and norm.get("type") == "Prepend":
+        want["normalizer"] = None
+    for node in [want.get("pre_tokenizer")] + list((want.get("pre_tokenizer") or {}).get("pretokenizers", [])):
+        if isinstance(node, dict) and node.get("type") == "Metaspace":
+            node["prepend_scheme"] = "never"
+            if "add_prefix_space" in node:
+                node["add_prefix_space"] = False
+        if isinstance(node, dict) and node.get("type") == "ByteLevel":
+            node["add_prefix_space"] = False
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+    assert got["model"] is j["model"]  # the vocabulary is shared, not copied
