@@ -69,19 +69,18 @@ _BLOCK_BYTES = 1024 * 1024**2  # one float64 column block of the old matrix (wor
 
 def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.ndarray, targets: np.ndarray,
                   copies: tuple, V_pad: int, base_rows: np.ndarray, gen: torch.Generator,
-                  chunk: int = 8192, workers: int | None = None) -> torch.Tensor:
+                  chunk: int = 8192) -> torch.Tensor:
     """New ``(V_pad, d)`` matrix: mean everywhere, copies bit for bit, combinations, random rows.
 
     Args:
         old: ``(V, d)`` float32 old rows (an exact upcast of the stored ones).
         out_dtype: dtype of the result (the stored dtype: copies stay bit-exact).
         coef: ``(T, V)`` CSR combination weights of the ``T`` targets (float64).
-        workers: threads for the target chunks (default ``torch.get_num_threads()``).
 
     The combinations ``coef @ old`` are sums in :func:`accumulation_dtype` (scipy's CSR product:
     each element sums its products in the order of the row's entries), every ``chunk`` of targets
-    written straight into the result, the chunks shared among ``workers`` threads (the product
-    releases the GIL; each row is the same whichever thread computes it).
+    written straight into the result, the chunks shared among ``torch.get_num_threads()`` threads
+    (the product releases the GIL; each row is the same whichever thread computes it).
 
     - float64 (float32 outputs): one column block of ``old`` at a time is upcast to float64 (at
       most 1 GB), and every chunk is combined from it. Gathering the used rows per chunk instead
@@ -104,7 +103,7 @@ def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.n
         comb = torch.from_numpy(np.asarray(part @ block, dtype=np.float32))
         new[rows, c:c + block.shape[1]] = comb.to(out_dtype)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers or torch.get_num_threads()), thread_name_prefix="rows") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="rows") as pool:
         for c in range(0, d if parts else 0, width):
             block = src[:, c:c + width].to(acc).contiguous().numpy()  # (V, width); float32: src itself
             list(pool.map(combine, [(p, block, c) for p in parts]))

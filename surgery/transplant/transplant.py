@@ -57,8 +57,8 @@ class NewRows:
 
 def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, old_tok, new_tok,
                  config: TransplantConfig | None = None, donor_in: torch.Tensor | None = None, bias_fn=None,
-                 progress: bool = False, old_vocab=None, new_vocab=None, out_dtype: torch.dtype | None = None,
-                 row_workers: int | None = None) -> NewRows:
+                 progress: bool = False, old_vocab=None, new_vocab=None, out_dtype: torch.dtype | None = None
+                 ) -> NewRows:
     """New input (and head) rows for ``new_tok`` from the old matrices alone.
 
     Args:
@@ -72,7 +72,6 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
             for logit offsets (:func:`~surgery.transplant.methods.method_wants_offsets`), so the calibration
             forward runs beside the rest, else called when the plan asks for them.
         out_dtype: dtype of the new rows (default: ``old_in``'s).
-        row_workers: threads of the row assembly (:func:`~surgery.transplant.rows.build_matrix`; default all).
 
     Raises:
         SurgeryError: unusable tokenizers or donor.
@@ -115,14 +114,12 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     V_pad = padded_size(V_new, cfg.pad_to_multiple)
     gen = torch.Generator().manual_seed(cfg.seed)
     copies = ((ex_new, ex_old), (sp_new, sp_old))
-    new_in = build_matrix(in_f, out_dtype, plan.coef_in, plan.source, targets, copies, V_pad, base_rows, gen,
-                          workers=row_workers)
+    new_in = build_matrix(in_f, out_dtype, plan.coef_in, plan.source, targets, copies, V_pad, base_rows, gen)
     del in_f  # freed here when the caller handed over its only reference (8B: 2 GB less at the peak)
     new_out = None
     if separate:
         coef_out = plan.coef_out if plan.coef_out is not None else plan.coef_in
-        new_out = build_matrix(out_f, out_dtype, coef_out, plan.source, targets, copies, V_pad, base_rows, gen,
-                               workers=row_workers)
+        new_out = build_matrix(out_f, out_dtype, coef_out, plan.source, targets, copies, V_pad, base_rows, gen)
     del out_f
     rows = new_out if new_out is not None else new_in  # the head rows (tied: the shared rows)
     t_wait = 0.0
@@ -372,12 +369,9 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
                           tmp, max_shard_bytes, convert, copy_unread=bias_fn is not None)
         held = [in_f, out_f]
         del in_f, out_f  # compute_rows gets the only references: it frees each old matrix once its rows are built
-        # a writer that reads and checks every body tensor is what the end waits for: one core stays its own
-        # (3B into SmolLM2 with mean: the assembly on both cores delayed it by 1.3 s)
-        row_workers = None if body.copy_unread else max(1, torch.get_num_threads() - 1)
         try:
             rows = compute_rows(held.pop(0), held.pop(0), kind, old_tok, new_tok, cfg, donor_in=donor_in,
-                                bias_fn=bias_fn, progress=progress, out_dtype=out_dtype, row_workers=row_workers)
+                                bias_fn=bias_fn, progress=progress, out_dtype=out_dtype)
             t1 = time.time()
             files, tensors = body.finish()
         except BaseException:

@@ -76,11 +76,10 @@ def test_build_matrix_16_bit_rows_are_the_float64_rows_within_one_unit_of_the_ou
     torch.testing.assert_close(got[rest].double(), want[rest].double(), rtol=torch.finfo(out_dtype).eps, atol=0)
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_build_matrix_float32_rows_in_column_blocks_equal_one_product_of_the_upcast_matrix(monkeypatch, workers):
-    """float32 outputs (float64 sums): column blocks and target chunks (forced small here), on any number of
-    threads, give the rows of one float64 ``coef @ old`` bit for bit; random rows are N(mean, std) draws; copies
-    are exact and win over everything."""
+def test_build_matrix_float32_rows_in_column_blocks_equal_one_product_of_the_upcast_matrix(monkeypatch):
+    """float32 outputs (float64 sums): column blocks and target chunks (forced small here) give the rows of one
+    float64 ``coef @ old`` bit for bit; random rows are N(mean, std) draws; copies are exact and win over
+    everything."""
     out_dtype = torch.float32
     rng = np.random.default_rng(1)
     V, d, T, V_pad = 500, 40, 60, 96
@@ -89,7 +88,7 @@ def test_build_matrix_float32_rows_in_column_blocks_equal_one_product_of_the_upc
     base = np.arange(V)
     monkeypatch.setattr(rows_mod, "_BLOCK_BYTES", 7 * V * 8)  # 7 columns per float64 block: 6 blocks
     got = rows_mod.build_matrix(old, out_dtype, coef, source, targets, copies, V_pad, base,
-                                torch.Generator().manual_seed(3), chunk=16, workers=workers)
+                                torch.Generator().manual_seed(3), chunk=16)
 
     x = old.double()
     mean, std = x.mean(0), x.std(0)
