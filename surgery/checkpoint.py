@@ -373,13 +373,13 @@ class CheckpointReader:
         if key not in self._where:
             raise SurgeryError(f"checkpoint {str(self.folder)!r} has no tensor {key!r}", "check the checkpoint")
         path, off, n, dt, shape = self._where[key]
-        buf = bytearray(n)
+        buf = torch.empty(n, dtype=torch.uint8)  # not zero-filled (a bytearray would write every page once more)
         with open(path, "rb") as f:
             f.seek(off)
-            if f.readinto(buf) != n:
+            if n and f.readinto(buf.numpy()) != n:
                 raise SurgeryError(f"weights file {str(path)!r} is truncated (tensor {key!r})",
                                    "re-download or re-create the checkpoint")
-        t = (torch.frombuffer(buf, dtype=_ST_DTYPES[dt]) if n else torch.empty(0, dtype=_ST_DTYPES[dt])).reshape(shape)
+        t = buf.view(_ST_DTYPES[dt]).reshape(shape)
         if check:
             check_finite(key, t)
             self.checked.add(key)
