@@ -19,6 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def bit_equal(x, y) -> bool:
+    """Same dtype, shape and bytes."""
+    import torch
+
+    return x.dtype == y.dtype and x.shape == y.shape and x.view(-1).view(torch.uint8).equal(y.view(-1).view(torch.uint8))
+
+
 def tensors(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -35,8 +42,7 @@ def main() -> int:
     ap.add_argument("--check", required=True, help="what was compared (goes into the JSON line)")
     args = ap.parse_args()
     a, b = tensors(Path(args.old)), tensors(Path(args.new))
-    same = sum(1 for k in a if k in b and a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-               and a[k].view(-1).view(__import__("torch").uint8).equal(b[k].view(-1).view(__import__("torch").uint8)))
+    same = sum(1 for k in a if k in b and bit_equal(a[k], b[k]))
     ra = json.loads((Path(args.old) / "transplant_report.json").read_text())
     rb = json.loads((Path(args.new) / "transplant_report.json").read_text())
     emb = next(k for k in a if "embed_tokens" in k)

@@ -31,7 +31,7 @@ _EXACT_STATS_BYTES = 1 << 30  # row statistics in one piece below this (float64)
 def accumulation_dtype(out_dtype: torch.dtype) -> torch.dtype:
     """The dtype row sums are accumulated in for an ``out_dtype`` result: float64 for 32-bit (and wider)
     outputs, float32 for 16-bit ones."""
-    return torch.float64 if torch.empty(0, dtype=out_dtype).element_size() >= 4 else torch.float32
+    return torch.float64 if out_dtype.itemsize >= 4 else torch.float32
 
 
 def row_stats(w: torch.Tensor, rows: np.ndarray, chunk: int = 8192,
