@@ -66,7 +66,7 @@ def use_bf16(mode: str, device: torch.device) -> bool:
     trainer on a 2-core AMX Xeon, bf16 steps took 32-65 s against 20-40 s in float32 (the casts of
     the large embedding/head matrices cost more than they saved); with the current trainer on a
     2-core AVX512-BF16 AMD EPYC, an all-parameter heal step of SmolLM2-135M with a 128k head
-    (512 tokens) took 3.0 s against 4.5 s in float32: 97 steps in five minutes (README, "Healing
+    (512 tokens) took 2.99 s against 4.89 s in float32: 97 steps in five minutes against 62 (README, "Healing
     with the base model as teacher"). ``--autocast bf16`` asks for it. Any other mode (``off``,
     ``fp32``) is float32.
     """
