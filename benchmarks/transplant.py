@@ -26,6 +26,13 @@ against the base model as teacher for new rows, LoRA and all parameters:
 Per-step quality (teacher against CE at the same number of steps rather than the same minutes):
 ``--heal-steps 63 --heal-cells all:none all:auto``.
 
+An early teacher (the base teaches the first 30% of the 5 minutes, then CE alone; ``--heal-teacher-decay linear``
+fades its weight to 0 over that window):
+
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/transplant.py --pairs llama3-tokenizer \
+        --methods tokenadapt-untie --heal-cells all:auto --heal-autocast bf16 \
+        --heal-teacher-fraction 0.3
+
 Prints one JSON object per line: the original model per language (``kind: original``), each
 method × tokenizer × language (``kind: zero_shot``, with the ratio to the original and the
 transplant wall time), then the best method of each pair after a short CPU heal on the shipped
@@ -109,9 +116,11 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
     from surgery.transplant import HealConfig
 
     budget = {"steps": args.heal_steps} if args.heal_steps else {"minutes": args.heal_minutes}
+    schedule = {} if teacher == "none" else {"teacher_fraction": args.heal_teacher_fraction,
+                                             "teacher_decay": args.heal_teacher_decay}
     cfg = HealConfig(**budget, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
                      warmup=3, checkpoint_every=100000, params=params, negatives=args.heal_negatives,
-                     teacher=teacher, loss=args.heal_loss, autocast=args.heal_autocast)
+                     teacher=teacher, loss=args.heal_loss, autocast=args.heal_autocast, **schedule)
     t3 = time.time()
     s = heal_checkpoint(str(src), heal_texts, str(out), cfg, overwrite=True, progress=False)
     model = load_model(out)
@@ -122,11 +131,13 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
               "params": params, "teacher": teacher, **({"loss": args.heal_loss} if teacher != "none" else {}),
               "bits_per_byte": round(v, 4), "ratio": ratio(v, orig[lang]),
               "zero_shot_bits_per_byte": round(zero_shot[lang], 4),
-              "heal_budget": budget, "heal_steps": s["steps"], "heal_s": round(time.time() - t3, 1),
+              "heal_budget": budget, "heal_steps": s["steps"], "heal_teacher_steps": s.get("teacher_steps"),
+              "heal_s": round(time.time() - t3, 1),
               "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],
               "heal_tokens": s["tokens_seen"], "heal_rows_trained": s.get("rows_trained"),
               "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "negatives", "all_lr",
-                                                          "lora_lr", "teacher_balance", "autocast", "teacher_dtype")
+                                                          "lora_lr", "teacher_balance", "autocast", "teacher_dtype",
+                                                          "teacher_fraction", "teacher_decay")
                                 if k in s["config"]}, "bf16_autocast": s.get("bf16_autocast")})
     shutil.rmtree(out, ignore_errors=True)
 
@@ -163,6 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-autocast", default="auto", choices=["auto", "bf16", "off"],
                     help="mixed precision of the heal (auto: bf16 on CUDA, float32 on CPU)")
     ap.add_argument("--heal-loss", default="alm", help="the teacher's cross-vocabulary loss (with --heal-teachers auto)")
+    ap.add_argument("--heal-teacher-fraction", type=float, default=1.0,
+                    help="teacher cells: the teacher teaches the first F of the budget, then CE alone")
+    ap.add_argument("--heal-teacher-decay", default="none", choices=["none", "linear"],
+                    help="teacher cells: the teacher's weight over its fraction (linear: 1 down to 0)")
     ap.add_argument("--lock", default=None,
                     help="hold this file's flock during each transplant + evaluation and each heal (lets other jobs "
                          "that share the lock run in between, never during a timed heal)")
@@ -173,6 +188,8 @@ def main(argv=None) -> int:
         p, _, t = c.partition(":")
         if p not in ("head", "new-rows", "lora", "all") or t not in ("none", "auto"):
             ap.error(f"--heal-cells: {c!r} is not PARAMS:TEACHER (head|new-rows|lora|all : none|auto)")
+    if not 0 < args.heal_teacher_fraction <= 1:
+        ap.error(f"--heal-teacher-fraction must be in (0, 1], got {args.heal_teacher_fraction}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
 
     import torch

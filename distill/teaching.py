@@ -9,11 +9,14 @@ whatever parameter policy the heal uses (new rows, head, LoRA, all).
 - :func:`resolve_teacher` — ``auto`` | ``none`` | a model: which teacher a heal of ``model_path`` gets;
 - :func:`load_heal_teacher` — the teacher model, its tokenizer and vocabulary, and its loss;
 - :class:`TeacherTask` — the loop's view of a heal with a teacher (random blocks of the text, resumable through
-  its generator like the plain heal's windows).
+  its generator like the plain heal's windows);
+- :func:`teacher_weight` — the teacher's weight along the budget: on for its first ``teacher_fraction`` (constant
+  or decaying linearly), then off: CE alone, and the teacher's forward pass is skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -76,6 +79,15 @@ def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtyp
     return Teacher(0, name, tok, t_vocab, make_loss(loss_name, lc, ctx), 1.0, model), s_vocab, lc
 
 
+def teacher_weight(spent: float, fraction: float = 1.0, decay: str = "none") -> float:
+    """The teacher's weight at a step that starts with ``spent`` of the budget spent
+    (:func:`distill.trainer.schedule.budget_fraction`): 0 from ``fraction`` on; before it 1 (``decay="none"``) or
+    ``1 − spent / fraction`` (``"linear"``, 1 at the start, down to 0 at the end of the fraction)."""
+    if spent >= fraction:
+        return 0.0
+    return 1.0 - spent / fraction if decay == "linear" else 1.0
+
+
 class TeacherTask:
     """Random blocks of the training text, the student's CE plus the teacher's term (rescaled to CE).
 
@@ -85,6 +97,10 @@ class TeacherTask:
     tokens than the student for the same bytes where its vocabulary is weaker (SmolLM2 on Chinese about 1.9x
     Llama-3's), and a teacher cut at ``seq_len`` tokens would teach only the first half of such a block.
 
+    The teacher teaches for the first ``teacher_fraction`` of the budget (the loop reports the spent fraction
+    through :meth:`set_budget_fraction`, weight :func:`teacher_weight`); after it a step is the student's CE on
+    the same kind of blocks, the teacher's forward pass skipped.
+
     Args:
         texts: training texts.
         tokenizer / s_vocab: the student's tokenizer and canonical vocabulary.
@@ -92,10 +108,12 @@ class TeacherTask:
         loss_config: its :class:`~distill.losses.LossConfig`.
         seq_len: student tokens per block (with the start token).
         batch_size: blocks per step.
+        teacher_fraction: fraction of the budget, in (0, 1], with the teacher on.
+        teacher_decay: ``none`` or ``linear`` (:func:`teacher_weight`).
     """
 
     def __init__(self, texts, tokenizer, s_vocab, teacher, loss_config, seq_len: int, batch_size: int, seed: int,
-                 device):
+                 device, teacher_fraction: float = 1.0, teacher_decay: str = "none"):
         from distill.data import token_blocks
 
         self.blocks = token_blocks(list(texts), tokenizer, seq_len - 1)
@@ -106,6 +124,12 @@ class TeacherTask:
         self.batch_size, self.device = batch_size, device
         self.gen = torch.Generator().manual_seed(seed)
         self.tokens = 0
+        self.teacher_fraction, self.teacher_decay = teacher_fraction, teacher_decay
+        self.weight = 1.0  # the teacher's weight in the current step
+
+    def set_budget_fraction(self, spent: float) -> None:
+        """Called by the loop before each step: ``spent`` of the budget is spent (sets the teacher's weight)."""
+        self.weight = teacher_weight(spent, self.teacher_fraction, self.teacher_decay)
 
     def micro_batches(self, step: int) -> list:
         idx = torch.randint(0, len(self.blocks), (self.batch_size,), generator=self.gen).tolist()
@@ -121,13 +145,14 @@ class TeacherTask:
         from distill.trainer.distill_task import micro_loss
 
         texts, ids = batch
-        total, metrics = micro_loss(self.cfg, model, self.tokenizer, self.s_vocab, [self.teacher], texts, ids,
-                                    self.device, autocast)
+        teachers = [] if self.weight == 0 else [dataclasses.replace(self.teacher, weight=self.weight)]
+        total, metrics = micro_loss(self.cfg, model, self.tokenizer, self.s_vocab, teachers, texts, ids, self.device,
+                                    autocast)
         self.tokens = len(texts) * self.cfg.data.max_tokens
         return total, metrics
 
     def step_metrics(self) -> dict:
-        return {"tokens": self.tokens}
+        return {"tokens": self.tokens, "teacher_weight": round(self.weight, 6)}
 
 
 def teacher_dtype(name: str, autocast: str, device: torch.device) -> torch.dtype:
@@ -142,9 +167,11 @@ def teacher_dtype(name: str, autocast: str, device: torch.device) -> torch.dtype
 
 def heal_teacher_task(teacher_name: str, tokenizer, texts, config) -> TeacherTask:
     """The :class:`TeacherTask` of a heal (``config``: a :class:`surgery.transplant.config.HealConfig` with
-    ``loss``, ``teacher_balance``, ``seq_len``, ``batch_size``, ``seed``, ``device``)."""
+    ``loss``, ``teacher_balance``, ``seq_len``, ``batch_size``, ``seed``, ``device``, ``teacher_fraction``,
+    ``teacher_decay``)."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher, s_vocab, lc = load_heal_teacher(teacher_name, tokenizer, config.loss, device,
                                              dtype=teacher_dtype(config.teacher_dtype, config.autocast, device),
                                              rescale_by=config.teacher_balance)
-    return TeacherTask(texts, tokenizer, s_vocab, teacher, lc, config.seq_len, config.batch_size, config.seed, device)
+    return TeacherTask(texts, tokenizer, s_vocab, teacher, lc, config.seq_len, config.batch_size, config.seed, device,
+                       config.teacher_fraction, config.teacher_decay)

@@ -1,8 +1,9 @@
 """The one training loop: heal and distill are configurations of it (their data, loss and policy).
 
-A step: learning-rate factor from the schedule; for each gradient-accumulation micro-batch the task's
-batch is prepared by the policy (row-sparse leaves), its loss computed, checked for NaN/Inf on every
-rank (a non-finite loss stops the run before the update, keeping the last checkpoint), and
+A step: the spent fraction of the budget (:func:`~distill.trainer.schedule.budget_fraction`; the run ends
+at 1) goes to the learning-rate schedule and to the task when it asks for it; for each gradient-accumulation
+micro-batch the task's batch is prepared by the policy (row-sparse leaves), its loss computed, checked for NaN/Inf
+on every rank (a non-finite loss stops the run before the update, keeping the last checkpoint), and
 back-propagated (without the DDP/FSDP gradient sync except on the last micro-batch); then one joint
 clip and the optimizer steps. Metrics go to a callback; evaluation and checkpoints every N steps.
 """
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill import distributed as dd
-from distill.trainer.schedule import lr_factor
+from distill.trainer.schedule import budget_fraction, lr_factor
 from distill.trainer.state import NonFiniteError, check_finite
 
 LOG = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class Task(Protocol):
 
     # optional: token_ids(batch) -> (B, L) student ids, when a batch is not itself a tensor of ids (row-sparse
     # policies gather the rows of these ids before the forward pass)
+    # optional: set_budget_fraction(spent) -> None, called before each step's micro_batches with the spent fraction
+    # of the budget in [0, 1) (a task that changes its loss along the run, e.g. a teacher for the first part only)
 
 
 @dataclass(frozen=True)
@@ -117,17 +120,21 @@ def fit(model, task: Task, policy, spec: LoopSpec, env, step: int = 0, elapsed: 
     """
     t_run = time.time() - elapsed
     token_ids = getattr(task, "token_ids", None)  # the student's (B, L) ids of a batch, for row-sparse policies
+    set_budget_fraction = getattr(task, "set_budget_fraction", None)
     bar = tqdm(total=spec.steps, initial=step, desc=spec.desc, disable=not (spec.progress and env.is_main), leave=False)
 
+    def spent() -> float:
+        return budget_fraction(step, time.time() - t_run, spec.steps, spec.seconds)
+
     def done() -> bool:
-        if spec.steps is not None and step >= spec.steps:
-            return True
-        return spec.seconds is not None and time.time() - t_run >= spec.seconds
+        return spent() >= 1.0
 
     try:
-        while not done():
-            frac = (time.time() - t_run) / spec.seconds if spec.seconds else None
+        while (frac := spent()) < 1.0:
+            # a step budget's decay runs over steps after warm-up; ``frac`` is read only for a time budget
             lr = policy.set_lr(lr_factor(step, spec.warmup, spec.steps, spec.scheduler, spec.min_lr_ratio, frac))
+            if set_budget_fraction is not None:
+                set_budget_fraction(frac)
             t0 = time.time()
             loss_sum, agg = 0.0, {}
             batches = task.micro_batches(step)

@@ -1,12 +1,33 @@
-"""The learning-rate schedule of every run: linear warm-up, then constant, linear or cosine decay.
+"""The schedule of every run: how much of its budget is spent, and the learning rate along it.
 
-The factor multiplies each parameter group's base learning rate. The decay runs over the step budget,
-or, for a wall-clock budget, over the elapsed fraction of it.
+:func:`budget_fraction` is the one measure of a run's progress (the loop ends the run when it reaches 1, and a
+task may switch something on or off along it); :func:`lr_factor` is linear warm-up, then constant, linear or
+cosine decay. The factor multiplies each parameter group's base learning rate. The decay runs over the step
+budget, or, for a wall-clock budget, over the elapsed fraction of it.
 """
 
 from __future__ import annotations
 
 import math
+
+
+def budget_fraction(step: int, seconds: float, steps: int | None, budget_s: float | None) -> float:
+    """The spent fraction of a run's budget before optimizer step ``step`` (0-based): ``step / steps`` for a step
+    budget, ``seconds / budget_s`` for a wall-clock one, the larger where both bound the run. The run is over
+    when it is >= 1.
+
+    Args:
+        step: steps done so far.
+        seconds: seconds trained so far.
+        steps: the step budget, or None.
+        budget_s: the time budget in seconds, or None.
+    """
+    spent = 0.0
+    if steps is not None:
+        spent = max(spent, step / steps if steps > 0 else 1.0)
+    if budget_s is not None:
+        spent = max(spent, seconds / budget_s)
+    return spent
 
 
 def lr_factor(step: int, warmup: int, total: int | None, scheduler: str = "cosine", min_ratio: float = 0.1,

@@ -108,7 +108,8 @@ class HealConfig(Config):
     Exactly one of ``steps`` and ``minutes`` bounds the run. ``params`` says what is trained:
     ``new-rows`` (default) the embedding and head rows the transplant initialized, row-sparse with a lazy
     per-row Adam; ``head`` only their head rows (the body runs forward only); ``lora`` the new rows plus LoRA
-    adapters on the body (merged at the end); ``all`` every parameter (dense AdamW at ``all_lr``).
+    adapters on the body (merged at the end); ``all`` every parameter (dense AdamW at ``all_lr``). With a
+    ``teacher``, ``teacher_fraction`` < 1 keeps it for that first part of the budget only (CE alone afterwards).
     """
 
     HINT = "see `surgery heal --help` and `surgery heal --help-config`"
@@ -149,6 +150,13 @@ class HealConfig(Config):
     teacher_balance: Literal["gradient", "value"] = field(default="gradient", metadata={
         "help": "how the teacher's term is scaled against CE (with --teacher): gradient (|dCE/dz| / |dKD/dz| on "
                 "the student logits, so it pulls as hard as CE) or value (KD x CE/KD)"})
+    teacher_fraction: float = field(default=1.0, metadata={
+        "help": "the teacher teaches during this first fraction of the budget (of the minutes for --minutes, of "
+                "the steps for --steps), then CE alone without the teacher's forward pass (with --teacher; 1 = "
+                "the whole run)"})
+    teacher_decay: Literal["none", "linear"] = field(default="none", metadata={
+        "help": "the teacher's weight over its fraction of the budget (with --teacher): none (1 throughout) or "
+                "linear (from 1 down to 0 at the end of the fraction)"})
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "the teacher's weights (with --teacher): auto is bfloat16 when the heal runs under bf16 autocast "
                 "(its forward is bf16 then anyway; float32 weights would only be cast every step), else float32"})
@@ -188,6 +196,10 @@ class HealConfig(Config):
 
         if self.loss not in TEACHER_LOSSES:
             problems.append(f"loss must be a cross-vocabulary loss ({', '.join(TEACHER_LOSSES)}), got {self.loss!r}")
+        if not 0 < self.teacher_fraction <= 1:  # also catches NaN
+            problems.append(f"teacher_fraction must be in (0, 1], got {self.teacher_fraction}")
+        if self.teacher == "none" and (self.teacher_fraction != 1 or self.teacher_decay != "none"):
+            problems.append("teacher_fraction and teacher_decay need a teacher (teacher is none)")
         if self.eval_every < 0:
             problems.append(f"eval_every must be >= 0, got {self.eval_every}")
         if self.checkpoint_every < 1:

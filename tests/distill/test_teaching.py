@@ -101,3 +101,68 @@ def test_heal_teacher_dtype_follows_autocast_and_a_bf16_teacher_teaches_the_same
     cfg = HealConfig(steps=1, teacher=str(tiny_teacher), autocast="bf16", teacher_dtype="float32", device="cpu")
     task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
     assert next(task.teacher.model.parameters()).dtype == torch.float32  # an explicit dtype wins
+
+
+@pytest.mark.parametrize("decay", ["none", "linear"])
+def test_early_teacher_runs_in_the_first_fraction_of_a_step_budget_then_plain_ce(decay, tiny_student, tiny_teacher,
+                                                                                 tiny_text):
+    """``teacher_fraction=0.5`` of 4 steps: the teacher's model runs a forward pass in steps 1-2 only (counted on
+    the teacher object itself, in order with the student's passes); its term weighs 1 (``linear``: 1, then 0.5),
+    and afterwards a step's loss is the student's plain next-token CE of the same batch."""
+    from distill.data import encode_blocks
+    from distill.teaching import heal_teacher_task
+    from distill.trainer import heal
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.transplant.config import HealConfig
+
+    tok = load_tokenizer(str(tiny_student))
+    texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")]
+    cfg = HealConfig(steps=4, params="all", teacher=str(tiny_teacher), loss="alm", seq_len=48, batch_size=2, warmup=0,
+                     device="cpu", teacher_balance="value", teacher_fraction=0.5, teacher_decay=decay)
+    task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
+    student = load_model(str(tiny_student))
+    calls: list[str] = []
+    student.register_forward_hook(lambda *_: calls.append("s"))
+    task.teacher.model.register_forward_hook(lambda *_: calls.append("t"))
+    student, summary, metrics = heal(student, tok, texts, cfg, progress=False, task=task)
+    assert "".join(calls) == "ststss" and summary["teacher_steps"] == 2
+    train = [m for m in metrics if m["event"] == "train"]
+    weights = [1.0, 1.0] if decay == "none" else [1.0, 0.5]
+    assert [m["teacher_weight"] for m in train] == weights + [0.0, 0.0]
+    for m, w in zip(train[:2], weights):  # value balance: CE + w · (KD rescaled to CE's value)
+        assert m["kd0"] > 0 and m["loss"] == pytest.approx((1 + w) * m["ce"], rel=1e-5)
+    assert all("kd0" not in m and m["loss"] == pytest.approx(m["ce"], abs=1e-6) for m in train[2:])
+
+    (batch,) = task.micro_batches(4)  # past the window: the loss is the student's own CE, no teacher pass
+    calls.clear()
+    enc = encode_blocks(batch[0], tok, task.s_vocab, cfg.seq_len)
+    with torch.no_grad():
+        loss, mets = task.loss(student, batch, contextlib.nullcontext)
+        ce = student(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                     labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss  # HF shifts the labels
+    assert calls == ["s", "s"] and "kd0" not in mets
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_budget_fraction_and_teacher_weight():
+    from distill.teaching import teacher_weight
+    from distill.trainer.schedule import budget_fraction
+
+    assert budget_fraction(3, 100.0, 4, None) == 0.75
+    assert budget_fraction(3, 30.0, None, 60.0) == 0.5
+    assert budget_fraction(1, 45.0, 4, 60.0) == 0.75  # the larger where both bound the run
+    assert [teacher_weight(s, 0.5) for s in (0.0, 0.25, 0.5, 0.75)] == [1.0, 1.0, 0.0, 0.0]
+    assert [teacher_weight(s, 0.5, "linear") for s in (0.0, 0.25, 0.5)] == [1.0, 0.5, 0.0]
+    assert teacher_weight(0.99, 1.0) == 1.0
+
+
+def test_heal_config_validates_the_teacher_fraction():
+    from surgery.errors import ConfigError
+    from surgery.transplant.config import HealConfig
+
+    assert HealConfig(steps=1, teacher="auto", teacher_fraction=0.3).teacher_fraction == 0.3
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="teacher_fraction must be in"):
+            HealConfig(steps=1, teacher="auto", teacher_fraction=bad)
+    with pytest.raises(ConfigError, match="need a teacher"):
+        HealConfig(steps=1, teacher="none", teacher_fraction=0.5)
