@@ -214,7 +214,7 @@ class Canonicalizer:
             raise SurgeryError(f"byte-level conversion needs a byte-level BPE or SentencePiece tokenizer, got "
                                f"{self.vocab.family}", "use the tokenizer of a causal LM")
         self.byte_level = self.vocab.family == BYTE_LEVEL
-        raw = getattr(self.vocab, "_raw", None)
+        raw = self.vocab.raw_encoder
         if raw is not None:  # the core's mid-text encoder: no post-processor, no dummy prefix
             self._tok = Tokenizer.from_str(raw.to_str())
             state = self._tok.normalizer.__getstate__() if self._tok.normalizer is not None else None

@@ -217,7 +217,18 @@ class Vocabulary:
     dummy_prefix: bool
     hash: str
     name: str = ""
-    _raw: object = field(default=None, repr=False)
+    _raw: object = field(default=None, repr=False)  # the mid-text encoder, or a function that builds it
+
+    @property
+    def raw_encoder(self):
+        """The mid-text ``tokenizers.Tokenizer`` (no post-processor, no dummy prefix, special tokens
+        encoded as text), built on first use: a 262k-token vocabulary takes about a second to rebuild,
+        and many vocabularies are never encoded with (a transplant's new one)."""
+        raw = self._raw
+        if callable(raw) and not hasattr(raw, "encode_batch"):
+            raw = raw()
+            object.__setattr__(self, "_raw", raw)
+        return raw
 
     @property
     def size(self) -> int:
@@ -308,7 +319,7 @@ class Vocabulary:
         """Encode text fragments as they would be segmented in the middle of a text."""
         if not texts:
             return []
-        encs = self._raw.encode_batch(list(texts), add_special_tokens=False)
+        encs = self.raw_encoder.encode_batch(list(texts), add_special_tokens=False)
         return [e.ids for e in encs]
 
     def encode_bytes_many(self, items: Sequence[bytes]) -> list[list[int]]:
@@ -443,8 +454,13 @@ def canonical_vocabulary(tokenizer, name: str = "") -> Vocabulary:
     for i, s in enumerate(surfaces):
         if s == b"":
             surfaces[i] = None
-    raw = Tokenizer.from_str(json.dumps(_raw_encoder_json(j)))
-    raw.encode_special_tokens = True
+    raw_json = _raw_encoder_json(j)
+
+    def build_raw():
+        raw = Tokenizer.from_str(json.dumps(raw_json))
+        raw.encode_special_tokens = True
+        return raw
+
     return Vocabulary(
         family=family,
         surfaces=tuple(surfaces),
@@ -453,5 +469,5 @@ def canonical_vocabulary(tokenizer, name: str = "") -> Vocabulary:
         dummy_prefix=_has_dummy_prefix(j),
         hash=tokenizer_hash(tokenizer, j),
         name=name or str(getattr(tokenizer, "name_or_path", "")),
-        _raw=raw,
+        _raw=build_raw,
     )

@@ -67,22 +67,29 @@ def segment_softmax(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return e / np.repeat(s, counts)
 
 
-def local_weights(phi_tok: np.ndarray, phi_piece: np.ndarray, pieces: Pieces, tok_len: np.ndarray,
-                  piece_len: np.ndarray, temperature: float) -> np.ndarray:
+def local_weights(phi_tok: np.ndarray, phi_old: np.ndarray, piece_rows: np.ndarray, pieces: Pieces,
+                  tok_len: np.ndarray, piece_len: np.ndarray, temperature: float, chunk: int = 16384) -> np.ndarray:
     """TokenAdapt local weights, vectorized over all pieces.
 
     Args:
         phi_tok: ``(T, D)`` normalized aux embeddings of the targets.
-        phi_piece: ``(P, D)`` normalized aux embeddings of the pieces.
+        phi_old: ``(N, D)`` normalized aux embeddings of the old tokens.
+        piece_rows: ``(P,)`` row of ``phi_old`` for each piece.
         pieces: the decomposition.
         tok_len: ``(T,)`` byte length of each target.
         piece_len: ``(P,)`` byte length of each piece.
         temperature: τ.
+        chunk: pieces per block of the similarity products (float64 operands of ``chunk × D``,
+            never ``P × D``: 600k pieces of 384 dimensions would be 1.8 GB per operand).
 
     Returns:
         ``(P,)`` weights, summing to 1 within each target.
     """
-    alpha = np.einsum("pd,pd->p", phi_tok[pieces.owner].astype(np.float64), phi_piece.astype(np.float64))
+    alpha = np.empty(len(piece_rows), dtype=np.float64)
+    for s in range(0, len(piece_rows), chunk):
+        a = phi_tok[pieces.owner[s:s + chunk]].astype(np.float64)
+        b = phi_old[piece_rows[s:s + chunk]].astype(np.float64)
+        alpha[s:s + chunk] = np.einsum("pd,pd->p", a, b)
     lam = piece_len / np.maximum(tok_len[pieces.owner], 1)
     c = (segment_softmax(alpha, pieces.counts) + lam) / 2.0
     return segment_softmax(c / temperature, pieces.counts)
@@ -269,7 +276,7 @@ def tokenadapt_plan(inp: MethodInputs, io_split: str) -> RowPlan:
         pieces = pieces.select(has_phi)
     tok_len = inp.new_vocab.surface_lengths[inp.targets].astype(np.float64)
     piece_len = pieces.lengths.astype(np.float64)
-    wl = local_weights(phi_new, phi_old[row_of_old[pieces.ids]], pieces, tok_len, piece_len, cfg.temperature)
+    wl = local_weights(phi_new, phi_old, row_of_old[pieces.ids], pieces, tok_len, piece_len, cfg.temperature)
     loc = coef_matrix(pieces.owner, pieces.ids, wl, (T, V))
     has_loc = pieces.counts > 0
     t_loc = time.time() - t1
