@@ -205,7 +205,7 @@ class LayerStreamer(contextlib.AbstractContextManager):
         if key is None:
             raise SurgeryError(f"checkpoint {str(self.reader.folder)!r} has no tensor for parameter {name!r}",
                                "pass a checkpoint whose config matches its weights")
-        return self.reader.get(key).to(self.device, self.dtype)
+        return self.reader.get(key, mapped=True).to(self.device, self.dtype)  # used for one layer, then dropped
 
     def _read_layer(self, prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
         """The weights of one decoder layer, read (and checked) from the checkpoint."""

@@ -123,6 +123,40 @@ def test_streamed_shards_round_trip_and_size_limit(tmp_path):
         assert reader.dtype(k) == v.dtype and reader.shape(k) == list(v.shape) and torch.equal(reader.get(k), v)
 
 
+def test_mapped_reads_equal_plain_reads_stay_private_and_check_the_file(tmp_path):
+    """get(mapped=True) gives the stored tensor (offsets not page-aligned), writes to it never reach the
+    file, non-finite values and a file truncated after the headers were read are clear errors."""
+    from surgery.checkpoint import CheckpointReader
+    from surgery.errors import SurgeryError
+    from surgery.shards import write_streamed_shards
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(3, generator=g).half(), "b": torch.randn(1000, 9, generator=g).to(torch.bfloat16),
+               "c": torch.randn(2049, generator=g), "d": torch.arange(5), "e": torch.zeros(0, 3)}
+    entries = [(k, v.dtype, list(v.shape)) for k, v in tensors.items()]
+    write_streamed_shards(entries, tensors.__getitem__, tmp_path, max_shard_bytes=10**9)
+    (tmp_path / "config.json").write_text("{}")
+    reader = CheckpointReader(tmp_path)
+    for k, v in tensors.items():
+        m = reader.get(k, mapped=True)
+        assert m.dtype == v.dtype and torch.equal(m, v) and torch.equal(m, reader.get(k))
+    shard = next(tmp_path.glob("*.safetensors"))
+    before = shard.read_bytes()
+    m = reader.get("c", mapped=True)
+    m.fill_(7.0)
+    assert shard.read_bytes() == before and torch.equal(reader.get("c", mapped=True), tensors["c"])
+
+    data = bytearray(before)  # a NaN written into "c" behind the reader's back
+    at = data.rfind(tensors["c"][:4].numpy().tobytes())
+    data[at:at + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SurgeryError, match="'c' holds NaN"):
+        reader.get("c", mapped=True)
+    shard.write_bytes(before[:-100])  # truncated after the headers were read
+    with pytest.raises(SurgeryError, match="truncated"):
+        reader.get("c", mapped=True)
+
+
 def test_load_model_refuses_nan_weights(tmp_path):
     tok = byte_level_toy()
     m = tiny_llama(len(tok))
