@@ -47,7 +47,7 @@ class BodyWriter:
     def _produce(self, k: str):
         if self.copy_unread:
             return self.reader.source(k, checked=False)
-        t = self.reader.get(k)
+        t = self.reader.get(k, mapped=True)  # checked and written (or converted), then dropped: no read copy
         return t.to(self.convert) if self.convert is not None and t.is_floating_point() else t
 
     def finish(self) -> tuple[list[Path], dict[str, list[Entry]]]:
@@ -64,7 +64,7 @@ class BodyWriter:
         if unread and self.copy_unread:
             LOG.info("checking %d body tensors the calibration forward did not read", len(unread))
         for k in unread:
-            self.reader.get(k)
+            self.reader.get(k, mapped=True)
         return written
 
     def cancel(self) -> None:
