@@ -346,12 +346,12 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
         dfolder = checkpoint_folder(cfg.donor)
         dreader = CheckpointReader(dfolder)
         dkey = embedding_keys(model_skeleton(AutoConfig.from_pretrained(str(dfolder))), dreader)[0]
-        donor_in = dreader.get(dkey).float()
+        donor_in = _float_copy(dreader, dkey)
     store = reader.dtype(emb_key)
     out_dtype = convert or store
     # NaN/inf checked as read, before any other work; float32 work copies (exact), the stored ones dropped at once
-    in_f = reader.get(emb_key).float()
-    out_f = reader.get(head_key).float() if kind == "untied" else None
+    in_f = _float_copy(reader, emb_key)
+    out_f = _float_copy(reader, head_key) if kind == "untied" else None
     LOG.info("read %s%s (%s) from %s", emb_key, f" and {head_key}" if kind == "untied" else "", store, folder)
     t_load = time.time() - t0
     bias_fn = None  # the calibration forward, for methods that ask for logit offsets
@@ -411,6 +411,13 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
         (tmp / ROWS_FILE).write_text(rows_file_content(rows.copied, data["new_vocab"]["rows_padded"]))
     LOG.info("wrote %s (%d shards) in %.1fs", out, data["stream"]["shards"], data["timings_s"]["wall"])
     return data
+
+
+def _float_copy(reader, key: str) -> torch.Tensor:
+    """A float32 copy of a stored tensor (checked for NaN/inf), converted straight from the mapped file: no
+    stored-dtype copy in between (an 8B head: 1 GB less to allocate while the page cache is full)."""
+    t = reader.get(key, mapped=True)
+    return t.float() if t.dtype != torch.float32 else t.clone()
 
 
 def _body_dtype(dt: torch.dtype, convert: torch.dtype | None) -> torch.dtype:
