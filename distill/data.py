@@ -151,11 +151,17 @@ def token_blocks(docs: Sequence[str], tokenizer, tokens: int) -> list[str]:
     proportion to its tokens); blocks of equal *characters* under-sample text that needs more tokens per
     character (CJK), whose blocks the token limit then also truncates.
     """
+    return token_blocks_counted(docs, tokenizer, tokens)[0]
+
+
+def token_blocks_counted(docs: Sequence[str], tokenizer, tokens: int) -> tuple[list[str], int]:
+    """:func:`token_blocks` and the number of tokens of the documents (no special tokens), from one encoding."""
     if tokens < 1:
         raise ValueError("tokens must be >= 1")
     enc = tokenizer(list(docs), add_special_tokens=False, return_offsets_mapping=True)
-    blocks = []
+    blocks, total = [], 0
     for doc, offs in zip(docs, enc["offset_mapping"]):
+        total += len(offs)
         for a in range(0, len(offs), tokens):
             win = offs[a:a + tokens]
             start = win[0][0] if a else 0
@@ -163,7 +169,7 @@ def token_blocks(docs: Sequence[str], tokenizer, tokens: int) -> list[str]:
             piece = doc[start:max(end, win[-1][1])]
             if piece.strip():
                 blocks.append(piece)
-    return blocks
+    return blocks, total
 
 
 def blocks_fingerprint(blocks: Sequence[str]) -> str:

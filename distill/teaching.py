@@ -8,8 +8,8 @@ whatever parameter policy the heal uses (new rows, head, LoRA, all).
 
 - :func:`resolve_teacher` — ``auto`` | ``none`` | a model: which teacher a heal of ``model_path`` gets;
 - :func:`load_heal_teacher` — the teacher model, its tokenizer and vocabulary, and its loss;
-- :class:`TeacherTask` — the loop's view of a heal with a teacher (random blocks of the text, resumable through
-  its generator like the plain heal's windows);
+- :class:`TeacherTask` — the loop's view of a heal with a teacher: the plain heal's random token blocks
+  (:class:`distill.trainer.heal_run.BlocksTask`, resumable through its generator) with the teacher's term added;
 - :func:`teacher_weight` — the teacher's weight along the budget: on for its first ``teacher_fraction`` (constant
   or decaying linearly), then off: CE alone, and the teacher's forward pass is skipped.
 """
@@ -20,9 +20,9 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
-
 import torch
+
+from distill.trainer.heal_run import BlocksTask
 
 LOG = logging.getLogger(__name__)
 
@@ -88,18 +88,19 @@ def teacher_weight(spent: float, fraction: float = 1.0, decay: str = "none") -> 
     return 1.0 - spent / fraction if decay == "linear" else 1.0
 
 
-class TeacherTask:
-    """Random blocks of the training text, the student's CE plus the teacher's term (rescaled to CE).
+class TeacherTask(BlocksTask):
+    """The plain heal's random token blocks (:class:`distill.trainer.heal_run.BlocksTask`), the student's CE plus
+    the teacher's term (rescaled to CE).
 
     Blocks are ``seq_len − 1`` consecutive student tokens (:func:`distill.data.token_blocks`; the start token
-    makes ``seq_len``), so every language is drawn in proportion to its tokens, as the plain heal's windows
-    draw it. The teacher reads up to ``TEACHER_TOKENS · seq_len`` tokens of the same block: it needs more
-    tokens than the student for the same bytes where its vocabulary is weaker (SmolLM2 on Chinese about 1.9x
-    Llama-3's), and a teacher cut at ``seq_len`` tokens would teach only the first half of such a block.
+    makes ``seq_len``), so every language is drawn in proportion to its tokens. The teacher reads up to
+    ``TEACHER_TOKENS · seq_len`` tokens of the same block: it needs more tokens than the student for the same
+    bytes where its vocabulary is weaker (SmolLM2 on Chinese about 1.9x Llama-3's), and a teacher cut at
+    ``seq_len`` tokens would teach only the first half of such a block.
 
     The teacher teaches for the first ``teacher_fraction`` of the budget (the loop reports the spent fraction
-    through :meth:`set_budget_fraction`, weight :func:`teacher_weight`); after it a step is the student's CE on
-    the same kind of blocks, the teacher's forward pass skipped.
+    through :meth:`set_budget_fraction`, weight :func:`teacher_weight`); after it a step is the plain heal's step
+    (the student's CE on the same kind of blocks), the teacher's forward pass skipped.
 
     Args:
         texts: training texts.
@@ -114,16 +115,10 @@ class TeacherTask:
 
     def __init__(self, texts, tokenizer, s_vocab, teacher, loss_config, seq_len: int, batch_size: int, seed: int,
                  device, teacher_fraction: float = 1.0, teacher_decay: str = "none"):
-        from distill.data import token_blocks
-
-        self.blocks = token_blocks(list(texts), tokenizer, seq_len - 1)
-        self.tokenizer, self.s_vocab, self.teacher = tokenizer, s_vocab, teacher
-        data = SimpleNamespace(max_tokens=seq_len, teacher_max_tokens=TEACHER_TOKENS * seq_len)
-        self.cfg = SimpleNamespace(data=data, loss=loss_config,
-                                   weighting=SimpleNamespace(mode="fixed", alpha=1.0, score="ce"))
-        self.batch_size, self.device = batch_size, device
-        self.gen = torch.Generator().manual_seed(seed)
-        self.tokens = 0
+        super().__init__(texts, tokenizer, s_vocab, seq_len, batch_size, seed, device)
+        self.teacher = teacher
+        self.cfg.data.teacher_max_tokens = TEACHER_TOKENS * seq_len
+        self.cfg.loss = loss_config
         self.teacher_fraction, self.teacher_decay = teacher_fraction, teacher_decay
         self.weight = 1.0  # the teacher's weight in the current step
 
@@ -131,25 +126,9 @@ class TeacherTask:
         """Called by the loop before each step: ``spent`` of the budget is spent (sets the teacher's weight)."""
         self.weight = teacher_weight(spent, self.teacher_fraction, self.teacher_decay)
 
-    def micro_batches(self, step: int) -> list:
-        idx = torch.randint(0, len(self.blocks), (self.batch_size,), generator=self.gen).tolist()
-        return [([self.blocks[i] for i in idx], idx)]
-
-    def token_ids(self, batch) -> torch.Tensor:
-        """``(B, L)`` the student's ids of a batch (row-sparse parameter policies make those rows leaves)."""
-        from distill.data import encode_blocks
-
-        return encode_blocks(batch[0], self.tokenizer, self.s_vocab, self.cfg.data.max_tokens).input_ids.to(self.device)
-
-    def loss(self, model, batch, autocast):
-        from distill.trainer.distill_task import micro_loss
-
-        texts, ids = batch
-        teachers = [] if self.weight == 0 else [dataclasses.replace(self.teacher, weight=self.weight)]
-        total, metrics = micro_loss(self.cfg, model, self.tokenizer, self.s_vocab, teachers, texts, ids, self.device,
-                                    autocast)
-        self.tokens = len(texts) * self.cfg.data.max_tokens
-        return total, metrics
+    def teachers(self) -> list:
+        """The teacher at this step's weight, or none once its window is over."""
+        return [] if self.weight == 0 else [dataclasses.replace(self.teacher, weight=self.weight)]
 
     def step_metrics(self) -> dict:
         return {"tokens": self.tokens, "teacher_weight": round(self.weight, 6)}

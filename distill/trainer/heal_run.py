@@ -1,5 +1,5 @@
-"""Healing as a configuration of the training loop: random windows of a token stream, next-token loss,
-and a parameter policy (new rows row-sparse, their head rows, + LoRA, or every parameter).
+"""Healing as a configuration of the training loop: random token blocks of the training text
+(:class:`BlocksTask`, shared with the teacher heal of :mod:`distill.teaching`), next-token loss, and a parameter policy (new rows row-sparse, their head rows, + LoRA, or every parameter).
 
 Resumable: every ``checkpoint_every`` steps the trained tensors, optimizer states, RNG states, data
 generator and elapsed time go to ``state_dir`` (:mod:`distill.trainer.checkpoint`); ``resume=True``
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -26,43 +27,68 @@ from surgery.errors import SurgeryError
 LOG = logging.getLogger(__name__)
 
 
-def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All texts encoded (no special tokens), each after a document-start token: ``(N,)`` int64."""
-    from surgery.evaluate import document_start_id
+class BlocksTask:
+    """The loop's view of a heal: random token blocks of the training text, the student's next-token CE.
 
-    start = document_start_id(tokenizer)
-    ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        if start is not None:
-            ids.append(start)
-        ids.extend(enc)
-    return torch.tensor(ids, dtype=torch.long)
+    Blocks are ``seq_len − 1`` consecutive student tokens of one document, each cut as the text those tokens
+    span (:func:`distill.data.token_blocks`) and encoded on its own behind a document-start token
+    (:func:`distill.data.encode_blocks`: ``seq_len`` tokens, the last block of a document shorter and padded), so
+    every language is drawn in proportion to its tokens and every sequence starts where the evaluation's do. The
+    loss is :func:`distill.trainer.distill_task.micro_loss` with no teacher: the mean CE of the non-padding next
+    tokens over the tokenizer's vocabulary (padding rows of the embedding matrix are outside the softmax,
+    :func:`distill.trainer.distill_task.fit_vocab`). :class:`distill.teaching.TeacherTask` adds a teacher on the
+    same blocks.
 
+    Args:
+        texts: training texts, one document each.
+        tokenizer / s_vocab: the student's tokenizer and canonical vocabulary.
+        seq_len: student tokens per block (with the start token).
+        batch_size: blocks per step.
+        seed: seeds :attr:`gen`, the block order (saved and restored on resume).
+        device: where batches go.
 
-def sample_batch(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    """``(B, seq_len)`` random windows of the stream."""
-    hi = max(1, len(stream) - seq_len)
-    starts = torch.randint(0, hi, (batch_size,), generator=gen)
-    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    Raises:
+        SurgeryError: the texts hold fewer than ``seq_len`` tokens.
+    """
 
+    def __init__(self, texts, tokenizer, s_vocab, seq_len: int, batch_size: int, seed: int, device):
+        from distill.data import token_blocks_counted
 
-class WindowsTask:
-    """The loop's view of a heal: one batch of random windows per step, the model's own next-token loss."""
-
-    def __init__(self, stream: torch.Tensor, seq_len: int, batch_size: int, seed: int, device):
-        self.stream, self.seq_len, self.batch_size, self.device = stream, seq_len, batch_size, device
+        self.blocks, self.n_tokens = token_blocks_counted(list(texts), tokenizer, seq_len - 1)
+        if self.n_tokens < seq_len or not self.blocks:
+            raise SurgeryError(f"training text has only {self.n_tokens} tokens, fewer than seq_len={seq_len}",
+                               "pass more text or a smaller --seq-len")
+        self.tokenizer, self.s_vocab = tokenizer, s_vocab
+        self.cfg = SimpleNamespace(data=SimpleNamespace(max_tokens=seq_len), loss=SimpleNamespace(name="ce"),
+                                   weighting=SimpleNamespace(mode="fixed", alpha=1.0, score="ce"))
+        self.batch_size, self.device = batch_size, device
         self.gen = torch.Generator().manual_seed(seed)
         self.tokens = 0
 
-    def micro_batches(self, step: int) -> list[torch.Tensor]:
-        batch = sample_batch(self.stream, self.seq_len, self.batch_size, self.gen).to(self.device)
-        self.tokens = int(batch.numel())
-        return [batch]
+    def micro_batches(self, step: int) -> list:
+        """One micro-batch: ``(texts, block ids)`` of ``batch_size`` blocks drawn with :attr:`gen`."""
+        idx = torch.randint(0, len(self.blocks), (self.batch_size,), generator=self.gen).tolist()
+        return [([self.blocks[i] for i in idx], idx)]
+
+    def token_ids(self, batch) -> torch.Tensor:
+        """``(B, seq_len)`` at most: the student's ids of a batch (row-sparse parameter policies make those rows
+        leaves)."""
+        from distill.data import encode_blocks
+
+        return encode_blocks(batch[0], self.tokenizer, self.s_vocab, self.cfg.data.max_tokens).input_ids.to(self.device)
+
+    def teachers(self) -> list:
+        """The teachers of the current step (none: plain CE)."""
+        return []
 
     def loss(self, model, batch, autocast):
-        with autocast():
-            out = model(input_ids=batch, labels=batch)
-        return out.loss.float(), {}
+        from distill.trainer.distill_task import micro_loss
+
+        texts, ids = batch
+        total, metrics = micro_loss(self.cfg, model, self.tokenizer, self.s_vocab, self.teachers(), texts, ids,
+                                    self.device, autocast)
+        self.tokens = len(texts) * self.cfg.data.max_tokens
+        return total, metrics
 
     def step_metrics(self) -> dict:
         return {"tokens": self.tokens}
@@ -101,15 +127,16 @@ def heal(model, tokenizer, texts: list[str], config, state_dir: str | Path | Non
     Args:
         model: a transplanted causal LM.
         tokenizer: its tokenizer.
-        texts: training texts (mixed into one stream; windows are drawn at random).
+        texts: training texts, one document each (cut into token blocks, drawn at random: :class:`BlocksTask`).
         config: a :class:`surgery.transplant.config.HealConfig` (``steps`` or ``minutes``).
         state_dir: where resumable checkpoints go (``None``: no checkpoints).
         copied_rows: ``(n,)`` ids of rows to keep frozen (with ``train_rows='new'``).
         resume: continue from the newest checkpoint in ``state_dir``.
         eval_text: optional text scored in bits/byte before and after.
-        task: the loop's task (default: random windows of ``texts`` with next-token loss, :class:`WindowsTask`),
-            e.g. one with a teacher. It needs a ``gen`` generator (saved for resume) and, if its batches are not
-            token tensors, ``token_ids(batch)``.
+        task: the loop's task (default: :class:`BlocksTask` of ``texts``, next-token CE), e.g. a
+            :class:`distill.teaching.TeacherTask` on the same blocks. It needs a ``gen`` generator (saved for
+            resume), ``n_tokens`` (the training tokens, for the summary) and, if its batches are not token tensors,
+            ``token_ids(batch)``.
 
     Returns:
         ``(model, summary, metrics)``; with LoRA the adapters are merged into the returned model.
@@ -126,16 +153,16 @@ def heal(model, tokenizer, texts: list[str], config, state_dir: str | Path | Non
         raise SurgeryError("no list of copied rows: cannot tell which rows are new",
                            "heal a folder written by `surgery transplant` (it holds transplant_rows.json), or train "
                            "all rows with --train-rows all")
-    stream = token_stream(tokenizer, texts)
-    if len(stream) < cfg.seq_len + 1:
-        raise SurgeryError(f"training text has only {len(stream)} tokens, fewer than seq_len={cfg.seq_len}",
-                           "pass more text or a smaller --seq-len")
+    if task is None:
+        from surgery.vocab.surfaces import canonical_vocabulary
+
+        task = BlocksTask(texts, tokenizer, canonical_vocabulary(tokenizer), cfg.seq_len, cfg.batch_size, cfg.seed,
+                          device)
     bpb_before = bits_per_byte(model, tokenizer, eval_text, progress=False).bits_per_byte if eval_text else None
     model.to(device)
     policy = Policy(model, param_spec(cfg, model.get_input_embeddings().weight.shape[0], copied_rows))
     policy.attach(policy.model)
     env = DistEnv(device=device)
-    task = task if task is not None else WindowsTask(stream, cfg.seq_len, cfg.batch_size, cfg.seed, device)
     step, elapsed, metrics = 0, 0.0, []
     sdir = Path(state_dir) if state_dir else None
     if resume:
@@ -164,7 +191,7 @@ def heal(model, tokenizer, texts: list[str], config, state_dir: str | Path | Non
         model = policy.finish(policy.model, merge=True)
     model.eval()
     model.to("cpu")
-    summary = _summary(cfg, step, time.time() - t0, len(stream), metrics, policy, device, bf16, bpb_before)
+    summary = _summary(cfg, step, time.time() - t0, task.n_tokens, metrics, policy, device, bf16, bpb_before)
     if eval_text:
         summary["bits_per_byte_after"] = bits_per_byte(model, tokenizer, eval_text, progress=False).bits_per_byte
     return model, summary, metrics

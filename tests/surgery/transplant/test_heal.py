@@ -81,25 +81,78 @@ def test_resume_reproduces_uninterrupted_run(transplanted, tmp_path, monkeypatch
     straight, _, _ = heal(m, tok, texts, cfg, tmp_path / "s1", copied, progress=False)
 
     calls = {"n": 0}
-    real = heal_mod.sample_batch
+    real = heal_mod.BlocksTask.micro_batches
 
-    def dying(*a, **k):
+    def dying(self, step):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(self, step)
 
-    monkeypatch.setattr(heal_mod, "sample_batch", dying)
+    monkeypatch.setattr(heal_mod.BlocksTask, "micro_batches", dying)
     m, tok = _load(src)
     with pytest.raises(KeyboardInterrupt):
         heal(m, tok, texts, cfg, tmp_path / "s2", copied, progress=False)
-    monkeypatch.setattr(heal_mod, "sample_batch", real)
+    monkeypatch.setattr(heal_mod.BlocksTask, "micro_batches", real)
     m, tok = _load(src)
     resumed, summary, metrics = heal(m, tok, texts, cfg, tmp_path / "s2", copied, resume=True, progress=False)
     assert summary["steps"] == 4 and [r["step"] for r in metrics] == [1, 2, 3, 4]
     want = dict(straight.named_parameters())
     for n, p in resumed.named_parameters():
         assert torch.equal(p, want[n]), [k for k, q in resumed.named_parameters() if not torch.equal(q, want[k])]
+
+
+@pytest.mark.parametrize("params", ["new-rows", "head", "lora", "all"])
+def test_plain_heal_trains_on_token_blocks_with_the_models_own_loss(transplanted, params, monkeypatch):
+    """A CE-only heal's batch is random token blocks: each row is the document-start token, then the tokens of the
+    block's own text (at most ``seq_len`` in all), then padding; the first step's loss is Hugging Face's own ``labels=`` loss on that batch
+    (padding ignored), and a row-sparse policy is handed those ids."""
+    from surgery.evaluate import document_start_id
+
+    src, text = transplanted
+    m, tok = _load(src)
+    m.resize_token_embeddings(len(tok))  # no padding rows: the heal's softmax spans the vocabulary (fit_vocab)
+    texts = [text.read_text(), "\n".join(reversed(CORPUS))]
+    seen, prepared = [], []
+    real_loss, real_prepare = heal_mod.BlocksTask.loss, heal_mod.Policy.prepare
+
+    def loss(self, model, batch, autocast):
+        total, mets = real_loss(self, model, batch, autocast)
+        seen.append((batch[0], self.token_ids(batch), total.item()))
+        return total, mets
+
+    def prepare(self, ids):
+        prepared.append(ids.clone())
+        return real_prepare(self, ids)
+
+    monkeypatch.setattr(heal_mod.BlocksTask, "loss", loss)
+    monkeypatch.setattr(heal_mod.Policy, "prepare", prepare)
+    cfg = HealConfig(steps=2, lr=1e-2, seq_len=16, batch_size=3, warmup=0, device="cpu", params=params,
+                     lora_lr=1e-2, all_lr=1e-3)
+    heal(m, tok, texts, cfg, None, read_copied_rows(src), progress=False)
+    assert len(seen) == 2
+    start = document_start_id(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    assert start is not None
+    masks = []
+    for blocks, ids, _ in seen:
+        assert ids.shape[0] == 3 and ids.shape[1] <= 16
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for b, (row, block) in enumerate(zip(ids.tolist(), blocks)):
+            assert any(block in t for t in texts)
+            want = ([start] + tok(block, add_special_tokens=False)["input_ids"])[:16]  # cut at seq_len
+            assert row == want + [pad] * (len(row) - len(want))
+            mask[b, :len(want)] = True
+        masks.append(mask)
+    assert any(len(set(blocks)) > 1 for blocks, _, _ in seen)
+    if params in ("new-rows", "head"):
+        assert len(prepared) == 2 and all(torch.equal(p, s[1]) for p, s in zip(prepared, seen))
+    (_, ids, total), mask = seen[0], masks[0]
+    ref, _ = _load(src)  # the first step's forward pass sees the untrained weights (LoRA starts at zero)
+    ref.resize_token_embeddings(len(tok))
+    with torch.no_grad():
+        hf = ref(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100)).loss
+    assert total == pytest.approx(hf.item(), rel=1e-5)
 
 
 def test_heal_with_lora_merges_adapters(transplanted, tmp_path):
