@@ -174,6 +174,10 @@ class LayerStreamer(contextlib.AbstractContextManager):
         emb_name = _module_name(skeleton, emb) + ".weight"
         head_name = _module_name(skeleton, head) + ".weight" if head is not None else None
         self.resident = [n for n in names if n != head_name and not any(n.startswith(p) for p in in_layer)]
+        if getattr(emb, "padding_idx", None) is not None:
+            # a forward never reads padding_idx (it only masks gradients), but F.embedding checks it against
+            # the rows given, which may be only the calibration tokens' (a config pad id of 151643 among 500)
+            emb.padding_idx = None
         for n in names:
             if n == emb_name:
                 _set_param(skeleton, n, in_rows.to(self.device, dtype))

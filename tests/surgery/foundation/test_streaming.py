@@ -315,6 +315,21 @@ def test_streamed_tokenadapt_with_logit_offsets_equals_in_memory(tmp_path, toks)
     assert torch.equal(_tensors(out)["model.embed_tokens.weight"], mem.get_input_embeddings().weight)
 
 
+def test_streamed_calibration_with_a_pad_id_beyond_the_calibration_rows(tmp_path, toks):
+    """A config whose pad_token_id is a high id (Qwen2: 151643) makes the embedding module check it against the
+    rows it is given; the streamed calibration gives only the calibration tokens' rows, and still runs."""
+    asset_dir("minilm")
+    old_tok, new_tok = toks
+    model = tiny_llama(len(old_tok), seed=3, tie=False)
+    model.config.pad_token_id = len(old_tok) - 1
+    base = save_checkpoint(model.to(torch.bfloat16), old_tok, tmp_path / "base", max_shard_bytes=30_000)
+    assert json.loads((base / "config.json").read_text())["pad_token_id"] == len(old_tok) - 1
+    cfg = TransplantConfig(method="tokenadapt", cache_dir=str(tmp_path / "aux"), aux_dtype="float32", device="cpu")
+    rep = transplant_checkpoint(str(base), str(new_tok_dir(tmp_path, new_tok)), str(tmp_path / "out"), cfg,
+                                progress=False)
+    assert rep["method_stats"]["bias_direction"]["n"] > 0
+
+
 def test_capped_calibration_of_a_bf16_checkpoint_runs_in_bf16_close_to_float32(tmp_path, toks, monkeypatch):
     """A bfloat16 checkpoint whose calibration is capped (a large model; forced here by a small FLOPs budget)
     runs its streamed forward in bfloat16, and the report says so: the direction is the float32 forward's
