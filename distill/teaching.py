@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+
 import torch
 
 from distill.trainer.heal_run import BlocksTask

@@ -1,5 +1,6 @@
 """Healing as a configuration of the training loop: random token blocks of the training text
-(:class:`BlocksTask`, shared with the teacher heal of :mod:`distill.teaching`), next-token loss, and a parameter policy (new rows row-sparse, their head rows, + LoRA, or every parameter).
+(:class:`BlocksTask`, shared with the teacher heal of :mod:`distill.teaching`), next-token loss, and a
+parameter policy (new rows row-sparse, their head rows, + LoRA, or every parameter).
 
 Resumable: every ``checkpoint_every`` steps the trained tensors, optimizer states, RNG states, data
 generator and elapsed time go to ``state_dir`` (:mod:`distill.trainer.checkpoint`); ``resume=True``

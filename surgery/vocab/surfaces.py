@@ -35,7 +35,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -217,17 +217,18 @@ class Vocabulary:
     dummy_prefix: bool
     hash: str
     name: str = ""
-    _raw: object = field(default=None, repr=False)  # the mid-text encoder, or a function that builds it
+    _build_raw: Callable[[], object] | None = field(default=None, repr=False)  # builds the mid-text encoder
 
     @property
     def raw_encoder(self):
         """The mid-text ``tokenizers.Tokenizer`` (no post-processor, no dummy prefix, special tokens
-        encoded as text), built on first use: a 262k-token vocabulary takes about a second to rebuild,
-        and many vocabularies are never encoded with (a transplant's new one)."""
-        raw = self._raw
-        if callable(raw) and not hasattr(raw, "encode_batch"):
-            raw = raw()
-            object.__setattr__(self, "_raw", raw)
+        encoded as text), built on first use (``None`` without a builder): a 262k-token vocabulary takes
+        about a second to rebuild, and many vocabularies are never encoded with (a transplant's new one)."""
+        raw = self.__dict__.get("_raw_encoder")
+        if raw is None and self._build_raw is not None:
+            raw = self._build_raw()
+            object.__setattr__(self, "_raw_encoder", raw)
+            object.__setattr__(self, "_build_raw", None)  # drops the tokenizer JSON it holds
         return raw
 
     @property
@@ -469,5 +470,5 @@ def canonical_vocabulary(tokenizer, name: str = "") -> Vocabulary:
         dummy_prefix=_has_dummy_prefix(j),
         hash=tokenizer_hash(tokenizer, j),
         name=name or str(getattr(tokenizer, "name_or_path", "")),
-        _raw=build_raw,
+        _build_raw=build_raw,
     )
