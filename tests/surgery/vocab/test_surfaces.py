@@ -62,11 +62,14 @@ def _count(key: str) -> None:
 
 
 def _expected_bytes(tok, v, text: str) -> bytes:
-    """What the tokenizer can keep of ``text``: its normalizer applied (Qwen2 NFC), and bytes that no
-    token spells dropped (SmolLM2's byte alphabet lacks a few control bytes), independently of surfaces."""
+    """What the tokenizer can keep of ``text``: its normalizer applied (Qwen2 NFC), a literal "▁" read as the
+    space it stands for by SentencePiece (the text "▁" and " " give the same ids), and bytes that no token
+    spells dropped (SmolLM2's byte alphabet lacks a few control bytes), independently of surfaces."""
     norm = tok.backend_tokenizer.normalizer
     if norm is not None and v.family == BYTE_LEVEL:  # SentencePiece normalizers only map " " to "▁"
         text = norm.normalize_str(text)
+    if v.family == SENTENCEPIECE:
+        text = text.replace("\u2581", " ")
     data = text.encode("utf-8")
     return bytes(b for b in data if v.byte_token_ids[b] >= 0)
 
