@@ -306,10 +306,12 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     by shard, bit for bit, in its own dtype (``dtype`` converts floating-point tensors when
     given), from the start, beside the row computation (:class:`~surgery.transplant.body_copy.BodyWriter`:
     with logit offsets, copied file to file and checked by the calibration forward that reads them);
-    the new rows get shards of their own at the end. Every tensor is checked for NaN/inf as it is
-    read, the embedding and head before any other work. Everything is validated before the expensive work (output free,
-    tokenizers load, shard headers and index consistent, aux model and donor present);
-    nothing is written unless the whole run succeeds.
+    the new rows get shards of their own at the end. Validated before any expensive work: the output
+    is free, the new tokenizer loads (before a hub checkpoint downloads), the aux model or the donor's
+    tokenizer is there, every shard header and the index are consistent. The body copy then starts
+    at once, into the temporary folder, beside the old tokenizer, the embedding and head reads and the
+    rows. Every tensor is checked for NaN/inf as it is read, the embedding and head before the rows
+    are computed; any failure cancels the copy, and nothing is written unless the whole run succeeds.
 
     Args:
         max_shard_bytes: output shard size limit (default 5 GB).
@@ -329,12 +331,10 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     t0 = time.time()
     check_output_free(out, overwrite, inputs=(model_path, tokenizer_path, old_tokenizer))
     convert = parse_dtype(dtype) if dtype else None
-    new_tok = load_tokenizer(tokenizer_path)
+    new_tok = load_tokenizer(tokenizer_path)  # before a hub checkpoint downloads
     _check_method_inputs(cfg, new_tok, tokenizer_path)
-    donor_in = None
     folder = checkpoint_folder(model_path)
-    old_tok = load_tokenizer(old_tokenizer or folder)
-    reader = CheckpointReader(folder)
+    reader = CheckpointReader(folder)  # every header and the index checked: a broken checkpoint fails here
     try:
         mcfg = AutoConfig.from_pretrained(str(folder))
     except Exception as e:
@@ -342,34 +342,35 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
                            "pass a Hugging Face causal-LM folder (config.json + safetensors)") from e
     skeleton = model_skeleton(mcfg)
     emb_key, head_key, kind, head_name = embedding_keys(skeleton, reader)
-    if cfg.method == "omp":
-        dfolder = checkpoint_folder(cfg.donor)
-        dreader = CheckpointReader(dfolder)
-        dkey = embedding_keys(model_skeleton(AutoConfig.from_pretrained(str(dfolder))), dreader)[0]
-        donor_in = _float_copy(dreader, dkey)
     store = reader.dtype(emb_key)
     out_dtype = convert or store
-    # NaN/inf checked as read, before any other work; float32 work copies (exact), the stored ones dropped at once
-    in_f = _float_copy(reader, emb_key)
-    out_f = _float_copy(reader, head_key) if kind == "untied" else None
-    LOG.info("read %s%s (%s) from %s", emb_key, f" and {head_key}" if kind == "untied" else "", store, folder)
-    t_load = time.time() - t0
-    bias_fn = None  # the calibration forward, for methods that ask for logit offsets
-    if method_wants_offsets(cfg):
-        bias_fn = streamed_bias_fn(skeleton, reader, old_tok, cfg, in_f, store)  # the calibration tokens' rows only
+    wants_offsets = method_wants_offsets(cfg)
 
     from surgery.shards import name_shards, shard_plan, write_parts
     from surgery.transplant.body_copy import BodyWriter
     from surgery.transplant.heal import ROWS_FILE, rows_file_content
 
     with atomic_output_dir(out, overwrite) as tmp:
-        # the body is written from now on, beside the row computation (and read by the calibration forward)
+        # the body is written from now on, beside everything else (old tokenizer, embedding, rows; read by the
+        # calibration forward); any error below cancels it and the temporary folder goes
         body_keys = [k for k in reader.keys if k not in (emb_key, head_key)]  # a tied model's stored head is dropped
         body = BodyWriter(reader, [(k, _body_dtype(reader.dtype(k), convert), reader.shape(k)) for k in body_keys],
-                          tmp, max_shard_bytes, convert, copy_unread=bias_fn is not None)
-        held = [in_f, out_f]
-        del in_f, out_f  # compute_rows gets the only references: it frees each old matrix once its rows are built
+                          tmp, max_shard_bytes, convert, copy_unread=wants_offsets)
         try:
+            old_tok = load_tokenizer(old_tokenizer or folder)
+            donor_in = None
+            if cfg.method == "omp":
+                dfolder = checkpoint_folder(cfg.donor)
+                dreader = CheckpointReader(dfolder)
+                dkey = embedding_keys(model_skeleton(AutoConfig.from_pretrained(str(dfolder))), dreader)[0]
+                donor_in = _float_copy(dreader, dkey)
+            # NaN/inf checked as read, before the rows; float32 work copies (exact), the stored ones dropped at once
+            held = [_float_copy(reader, emb_key), _float_copy(reader, head_key) if kind == "untied" else None]
+            LOG.info("read %s%s (%s) from %s", emb_key, f" and {head_key}" if kind == "untied" else "", store, folder)
+            t_load = time.time() - t0
+            # the calibration forward, for methods that ask for logit offsets (the calibration tokens' rows only)
+            bias_fn = streamed_bias_fn(skeleton, reader, old_tok, cfg, held[0], store) if wants_offsets else None
+            # compute_rows gets the only references: it frees each old matrix once its rows are built
             rows = compute_rows(held.pop(0), held.pop(0), kind, old_tok, new_tok, cfg, donor_in=donor_in,
                                 bias_fn=bias_fn, progress=progress, out_dtype=out_dtype)
             t1 = time.time()

@@ -239,6 +239,19 @@ def test_nan_tensor_refused_and_nothing_written(tmp_path, toks, name):
         load_model(base)
 
 
+def test_failure_after_the_body_copy_started_writes_nothing(tmp_path, toks):
+    """The body copy starts as soon as the shard headers are checked; an old tokenizer that does not load (read
+    after that) stops it: one clear error, no output, no temporary folder left."""
+    old_tok, new_tok = toks
+    base = _base(tmp_path, old_tok)
+    out = tmp_path / "out"
+    with pytest.raises(SurgeryError, match="tokenizer"):
+        transplant_checkpoint(str(base), str(new_tok_dir(tmp_path, new_tok)), str(out),
+                              TransplantConfig(method="mean"), old_tokenizer=str(tmp_path / "no-such-tokenizer"),
+                              progress=False)
+    _no_output(tmp_path, out)
+
+
 def test_cli_max_shard_size_and_dtype(tmp_path, toks):
     from surgery.cli import main
 

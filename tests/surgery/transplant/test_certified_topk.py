@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import torch
 
-from surgery.transplant.certified_topk import error_bound, topk_inner_product_certified
+from surgery.transplant.certified_topk import block_topk, error_bound, topk_inner_product_certified
 from surgery.transplant.methods.tokenadapt import distinct_rows, neighbours_dedup
 from surgery.transplant.neighbours import topk_inner_product
 
@@ -74,6 +74,25 @@ def test_certified_search_small_inputs_and_exact_ties():
         assert i[r].tolist() == ref
     s0, i0 = topk_inner_product_certified(queries[:0], keys, 4)
     assert s0.shape == (0, 4) and i0.shape == (0, 4)
+
+
+def test_block_topk_gives_the_values_of_torch_topk():
+    """The strided-chunk top-m against torch.topk: the same values in the same order, and columns that hold them;
+    bf16 scores rounded to a few levels make ties at every rank, and K is no multiple of the chunk count."""
+    torch.manual_seed(0)
+    for n_cols, levels in ((5003, None), (5003, 9), (2100, 3), (300, None)):
+        x = torch.randn(64, n_cols)
+        if levels:
+            x = (x * levels).round() / levels
+        x = x.bfloat16()
+        x[5, -3:] = 10  # the best values in the columns beyond the last whole chunk
+        x[6, :40] = 10  # more maxima than m in one place
+        for m in (1, 11, 32):
+            v, c = block_topk(x, m)
+            want, _ = torch.topk(x, m, dim=1)
+            assert torch.equal(v, want)
+            assert torch.equal(x.gather(1, c), v)
+            assert all(len(set(r.tolist())) == m for r in c)  # distinct columns
 
 
 def test_bf16_scores_stay_within_the_error_bound():
