@@ -120,7 +120,8 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
                                              "teacher_decay": args.heal_teacher_decay}
     cfg = HealConfig(**budget, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
                      warmup=3, checkpoint_every=100000, params=params, negatives=args.heal_negatives,
-                     teacher=teacher, loss=args.heal_loss, autocast=args.heal_autocast, **schedule)
+                     teacher=teacher, loss=args.heal_loss, autocast=args.heal_autocast, seed=args.heal_seed,
+                     **schedule)
     t3 = time.time()
     s = heal_checkpoint(str(src), heal_texts, str(out), cfg, overwrite=True, progress=False)
     model = load_model(out)
@@ -137,7 +138,7 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
               "heal_tokens": s["tokens_seen"], "heal_rows_trained": s.get("rows_trained"),
               "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "negatives", "all_lr",
                                                           "lora_lr", "teacher_balance", "autocast", "teacher_dtype",
-                                                          "teacher_fraction", "teacher_decay")
+                                                          "teacher_fraction", "teacher_decay", "seed")
                                 if k in s["config"]}, "bf16_autocast": s.get("bf16_autocast")})
     shutil.rmtree(out, ignore_errors=True)
 
@@ -178,6 +179,7 @@ def main(argv=None) -> int:
                     help="teacher cells: the teacher teaches the first F of the budget, then CE alone")
     ap.add_argument("--heal-teacher-decay", default="none", choices=["none", "linear"],
                     help="teacher cells: the teacher's weight over its fraction (linear: 1 down to 0)")
+    ap.add_argument("--heal-seed", type=int, default=0, help="seed of the heal's block order and LoRA init")
     ap.add_argument("--lock", default=None,
                     help="hold this file's flock during each transplant + evaluation and each heal (lets other jobs "
                          "that share the lock run in between, never during a timed heal)")

@@ -2,8 +2,8 @@
 
 :func:`build_matrix` writes the combinations ``coef @ old`` chunk by chunk straight into the
 result, so a 262k-row head of an 8B model is built without a second copy of the whole matrix.
-Copied rows stay bit-exact: the old rows arrive as exact float32 upcasts and are cast back to the
-stored dtype.
+Copied rows stay bit-exact: the old rows arrive in their stored dtype, every float32 or float64
+operand is an exact upcast of a column block of them, and copies are cast straight to the output dtype.
 
 Sums are accumulated in :func:`accumulation_dtype` of the output: float64 when the output is
 float32 (its rows, bit for bit, as they have always been), float32 when the output is 16-bit
@@ -65,6 +65,7 @@ def row_stats(w: torch.Tensor, rows: np.ndarray, chunk: int = 8192,
 
 
 _BLOCK_BYTES = 1024 * 1024**2  # one float64 column block of the old matrix (work memory of build_matrix)
+_F32_BLOCK_BYTES = 512 * 1024**2  # one float32 column block of a 16-bit old matrix
 
 
 def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.ndarray, targets: np.ndarray,
@@ -73,21 +74,23 @@ def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.n
     """New ``(V_pad, d)`` matrix: mean everywhere, copies bit for bit, combinations, random rows.
 
     Args:
-        old: ``(V, d)`` float32 old rows (an exact upcast of the stored ones).
+        old: ``(V, d)`` old rows in any floating dtype (the stored one: no float32 copy of the whole
+            matrix is needed; an 8B model's 128k × 4096 bf16 rows are 1 GB, their float32 upcast 2 GB).
         out_dtype: dtype of the result (the stored dtype: copies stay bit-exact).
         coef: ``(T, V)`` CSR combination weights of the ``T`` targets (float64).
 
     The combinations ``coef @ old`` are sums in :func:`accumulation_dtype` (scipy's CSR product:
-    each element sums its products in the order of the row's entries), every ``chunk`` of targets
-    written straight into the result, the chunks shared among ``torch.get_num_threads()`` threads
-    (the product releases the GIL; each row is the same whichever thread computes it).
+    each element sums its products in the order of the row's entries, whatever the other columns),
+    one column block of ``old`` at a time upcast to that dtype, every ``chunk`` of targets written
+    straight into the result, the chunks shared among ``torch.get_num_threads()`` threads (the
+    product releases the GIL; each row is the same whichever thread computes it).
 
-    - float64 (float32 outputs): one column block of ``old`` at a time is upcast to float64 (at
-      most 1 GB), and every chunk is combined from it. Gathering the used rows per chunk instead
-      upcast every row once per chunk that uses it (44 GB of float64 for the 169k Gemma-3 targets
-      of an 8B head, against 4.2 GB here); the sums, hence the rows, are the same.
-    - float32 (16-bit outputs): ``old`` itself is the operand (no copy, whole rows), the weights
-      rounded to float32; 3.6x faster than the float64 blocks on an 8B head (one thread).
+    - float64 (float32 outputs): blocks of at most 1 GB of float64. Gathering the used rows per chunk
+      instead upcast every row once per chunk that uses it (44 GB of float64 for the 169k Gemma-3
+      targets of an 8B head, against 4.2 GB here); the sums, hence the rows, are the same.
+    - float32 (16-bit outputs): a float32 ``old`` is the operand itself (no copy, whole rows), the
+      weights rounded to float32; 3.6x faster than float64 blocks on an 8B head (one thread). A
+      16-bit ``old`` is upcast in blocks of at most 512 MB.
     """
     V, d = old.shape
     acc = accumulation_dtype(out_dtype)
@@ -95,8 +98,12 @@ def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.n
     new = mean.to(out_dtype).expand(V_pad, d).clone()
     coef = sp.csr_matrix(coef, dtype=np.float64 if acc == torch.float64 else np.float32)
     parts = [(coef[s:s + chunk], torch.as_tensor(targets[s:s + chunk])) for s in range(0, coef.shape[0], chunk)]
-    src = old.detach().float().cpu()
-    width = d if acc == torch.float32 else max(1, min(d, _BLOCK_BYTES // max(V * 8, 1)))
+    src = old.detach().cpu()
+    if src.dtype == acc:
+        width = d
+    else:
+        budget = _BLOCK_BYTES if acc == torch.float64 else _F32_BLOCK_BYTES
+        width = max(1, min(d, budget // max(V * acc.itemsize, 1)))
 
     def combine(job) -> None:
         (part, rows), block, c = job
@@ -105,7 +112,7 @@ def build_matrix(old: torch.Tensor, out_dtype: torch.dtype, coef, plan_src: np.n
 
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="rows") as pool:
         for c in range(0, d if parts else 0, width):
-            block = src[:, c:c + width].to(acc).contiguous().numpy()  # (V, width); float32: src itself
+            block = src[:, c:c + width].to(acc).contiguous().numpy()  # (V, width): src itself when it is acc, whole
             list(pool.map(combine, [(p, block, c) for p in parts]))
             del block
     rnd = plan_src == SRC_RANDOM

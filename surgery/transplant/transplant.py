@@ -62,7 +62,8 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     """New input (and head) rows for ``new_tok`` from the old matrices alone.
 
     Args:
-        old_in: ``(V_rows, d)`` old input rows (any dtype; the work is float32).
+        old_in: ``(V_rows, d)`` old input rows (any dtype; sums are float32 or float64, see
+            :func:`~surgery.transplant.rows.build_matrix`).
         old_out: ``(V_rows, d)`` old head rows when ``head == "untied"``, else ``None``.
         head: ``"tied"``, ``"untied"`` or ``"none"``.
         old_tok, new_tok: the model's tokenizer and the new one (not modified).
@@ -80,9 +81,11 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     t_start = time.time()
     timings = {}
     out_dtype = out_dtype or old_in.dtype
-    in_f = old_in.detach().float()
-    out_f = old_out.detach().float() if old_out is not None else in_f
-    del old_in, old_out  # float32 copies only (exact upcasts): the stored-dtype tensors may be freed
+    # the old rows stay in their own dtype: build_matrix upcasts one column block at a time (exact)
+    in_f = old_in.detach() if old_in.is_floating_point() else old_in.detach().float()
+    out_f = (old_out.detach() if old_out.is_floating_point() else old_out.detach().float()) if old_out is not None \
+        else in_f
+    del old_in, old_out  # compute_rows holds the only references when the caller handed them over
     V_rows, d = in_f.shape
     tied = head == "tied"
     separate = head == "untied" or (tied and cfg.untie)
@@ -151,7 +154,7 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
 def _run_method(cfg: TransplantConfig, old_vocab, new_vocab, in_f: torch.Tensor, out_f: torch.Tensor,
                 targets: np.ndarray, separate: bool, exact: tuple, donor_in, device: str, progress: bool,
                 len_new_tok: int):
-    """The init method's plan for ``targets`` (``in_f`` / ``out_f``: ``(V_rows, d)`` float32 old rows; ``exact``:
+    """The init method's plan for ``targets`` (``in_f`` / ``out_f``: ``(V_rows, d)`` old rows; ``exact``:
     the exact pairs ``(new_ids, old_ids)``); the aux model loads only if the method asks for it.
 
     Raises:
@@ -364,8 +367,8 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
                 dreader = CheckpointReader(dfolder)
                 dkey = embedding_keys(model_skeleton(AutoConfig.from_pretrained(str(dfolder))), dreader)[0]
                 donor_in = _float_copy(dreader, dkey)
-            # NaN/inf checked as read, before the rows; float32 work copies (exact), the stored ones dropped at once
-            held = [_float_copy(reader, emb_key), _float_copy(reader, head_key) if kind == "untied" else None]
+            # NaN/inf checked as read, before the rows; in the stored dtype (build_matrix upcasts column blocks)
+            held = [_stored_copy(reader, emb_key), _stored_copy(reader, head_key) if kind == "untied" else None]
             LOG.info("read %s%s (%s) from %s", emb_key, f" and {head_key}" if kind == "untied" else "", store, folder)
             t_load = time.time() - t0
             # the calibration forward, for methods that ask for logit offsets (the calibration tokens' rows only)
@@ -419,6 +422,12 @@ def _float_copy(reader, key: str) -> torch.Tensor:
     stored-dtype copy in between (an 8B head: 1 GB less to allocate while the page cache is full)."""
     t = reader.get(key, mapped=True)
     return t.float() if t.dtype != torch.float32 else t.clone()
+
+
+def _stored_copy(reader, key: str) -> torch.Tensor:
+    """A stored tensor in its own dtype (checked for NaN/inf), copied out of the mapped file into memory: the
+    page cache may drop the file's pages while a large checkpoint streams through it."""
+    return reader.get(key, mapped=True).clone()
 
 
 def _body_dtype(dt: torch.dtype, convert: torch.dtype | None) -> torch.dtype:

@@ -100,3 +100,25 @@ def test_build_matrix_float32_rows_in_column_blocks_equal_one_product_of_the_upc
     want[torch.as_tensor(copies[0][0])] = old[torch.as_tensor(copies[0][1])].to(out_dtype)
     assert got.dtype == out_dtype
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_build_matrix_from_16_bit_rows_equals_the_build_from_their_float32_upcast(monkeypatch, out_dtype):
+    """Old rows handed over in bf16 (the stored dtype, upcast one column block at a time, forced small here)
+    give the rows of the same build from their float32 upcast, bit for bit, for 16-bit and float32 outputs."""
+    rng = np.random.default_rng(5)
+    V, d, T, V_pad = 700, 40, 90, 128
+    old = torch.from_numpy((rng.standard_normal((V, d)) * 0.05 + 0.01).astype(np.float32)).bfloat16()
+    coef, source, targets, copies = _plan(rng, V, T, V_pad)
+
+    def build():
+        return rows_mod.build_matrix(old_in, out_dtype, coef, source, targets, copies, V_pad, np.arange(V),
+                                     torch.Generator().manual_seed(3), chunk=32)
+
+    old_in = old.float()
+    want = build()
+    monkeypatch.setattr(rows_mod, "_F32_BLOCK_BYTES", 6 * V * 4)  # 6 columns per float32 block: 7 blocks
+    monkeypatch.setattr(rows_mod, "_BLOCK_BYTES", 9 * V * 8)  # 9 per float64 block
+    old_in = old
+    got = build()
+    assert got.dtype == out_dtype and torch.equal(got, want)
