@@ -7,8 +7,9 @@ go file to file (:mod:`surgery.byte_copy`: ``os.copy_file_range``): with logit o
 calibration forward reads (and checks) every decoder layer anyway, so the writer copies without
 reading and :meth:`BodyWriter.finish` reads and checks whatever the forward did not; without
 offsets the writer checks each tensor through the memory map first, then copies its bytes. Writing
-the mapped tensor instead (``write`` from the map) took 2.7-5x as long on a 6.4 GB checkpoint with
-the page cache warm: the kernel faults the source pages in one by one. Only a dtype conversion
+the mapped tensor instead (``write`` from the map) makes the kernel fault the source pages in one by
+one: a ``mean`` transplant of a 6.4 GB checkpoint took 14.1-19.3 s that way against 11.9-14.2 s
+(``kind: ab`` in ``benchmarks/results/scale.jsonl``). Only a dtype conversion
 writes converted tensors from memory. Either way no tensor reaches a finished output unchecked, and
 the output folder stays temporary until everything succeeded.
 """
