@@ -17,7 +17,8 @@ right after. ``--verify`` checks the first surgery output of each checkpoint: ev
 bit-identical and in its input dtype, index consistent, and the output loads with plain
 ``AutoModelForCausalLM`` (fully for models under 3 GB, else on the ``meta`` device with a key check).
 One JSON line per case (``kind``: ``checkpoint``, ``case``, ``verify``).
-``scale.py --plot [RESULTS.jsonl] OUT.png`` draws time and memory against checkpoint size
+``scale.py --plot [RESULTS.jsonl] OUT.png`` draws time and memory against checkpoint size (the latest run of each
+case; rows with ``"quiet": false``, measured beside other work, are left out)
 (default results: ``benchmarks/results/scale.jsonl``).
 
     .venv/bin/python benchmarks/scale.py --models llama-3.2-3b --targets smollm2-135m --methods mean \\
@@ -137,7 +138,8 @@ def plot(results: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if r.get("kind") == "case" and r.get("rc") == 0 and not r["model"].startswith("tiny")]
+    rows = [r for r in rows if r.get("kind") == "case" and r.get("rc") == 0 and not r["model"].startswith("tiny")
+            and r.get("quiet", True)]  # runs marked as measured beside other work stay in the file, not in the plot
     rows = list({(r["model"], r["tool"], r["target"]): r for r in rows}.values())  # the latest run of each case
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for (tool, target) in sorted({(r["tool"], r["target"]) for r in rows}):
