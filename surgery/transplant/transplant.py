@@ -308,7 +308,8 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     the config: the model is built on the ``meta`` device); every other tensor is copied shard
     by shard, bit for bit, in its own dtype (``dtype`` converts floating-point tensors when
     given), from the start, beside the row computation (:class:`~surgery.transplant.body_copy.BodyWriter`:
-    with logit offsets, copied file to file and checked by the calibration forward that reads them);
+    copied file to file, checked by the calibration forward that reads them when there are logit offsets,
+    otherwise through the memory map just before);
     the new rows get shards of their own at the end. Validated before any expensive work: the output
     is free, the new tokenizer loads (before a hub checkpoint downloads), the aux model or the donor's
     tokenizer is there, every shard header and the index are consistent. The body copy then starts
