@@ -82,9 +82,8 @@ def compute_rows(old_in: torch.Tensor, old_out: torch.Tensor | None, head: str, 
     timings = {}
     out_dtype = out_dtype or old_in.dtype
     # the old rows stay in their own dtype: build_matrix upcasts one column block at a time (exact)
-    in_f = old_in.detach() if old_in.is_floating_point() else old_in.detach().float()
-    out_f = (old_out.detach() if old_out.is_floating_point() else old_out.detach().float()) if old_out is not None \
-        else in_f
+    in_f = old_in.detach()
+    out_f = old_out.detach() if old_out is not None else in_f
     del old_in, old_out  # compute_rows holds the only references when the caller handed them over
     V_rows, d = in_f.shape
     tied = head == "tied"
@@ -419,8 +418,8 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
 
 
 def _float_copy(reader, key: str) -> torch.Tensor:
-    """A float32 copy of a stored tensor (checked for NaN/inf), converted straight from the mapped file: no
-    stored-dtype copy in between (an 8B head: 1 GB less to allocate while the page cache is full)."""
+    """A float32 copy of a stored tensor (checked for NaN/inf), converted straight from the mapped file: the OMP
+    donor's rows, which OMP reads in float32 (no stored-dtype copy held beside them)."""
     t = reader.get(key, mapped=True)
     return t.float() if t.dtype != torch.float32 else t.clone()
 
