@@ -360,6 +360,7 @@ def main() -> None:
     p.add_argument("--plot", default=None, metavar="PNG", help="--part budget: write the comparison plot here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe overrides for every run of --part budget (e.g. loss.ce_weight=1.0)")
+    p.add_argument("--seed", type=int, default=0, help="--part teacher: seed of the data order (train.seed)")
     p.add_argument("--self-student", default=None, metavar="DIR",
                    help="--part diagnose/budget: SmolLM2-135M transplanted to the Llama-3 tokenizer "
                         "(surgery transplant smollm2-135m llama3-tokenizer DIR), taught by the original")

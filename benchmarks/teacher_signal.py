@@ -249,7 +249,8 @@ def run_teacher(args) -> None:
     For each case of ``--cases`` (de, zh, ja: Gemma-3-270M → SmolLM2-135M on that language's shipped text;
     self: the original SmolLM2-135M teaching its Llama-3-tokenizer transplant, ``--self-student``, on English) and
     each loss of ``--losses``: the recipe recipes/distill_gemma3_to_smollm2.yaml with the first ``--max-blocks``
-    blocks of the case's train text, ``--steps`` steps, the same data order and seed; held-out bits/byte of the
+    blocks of the case's train text, ``--steps`` steps, the same data order and seed (``--seed``: the data order, the
+    same for every loss of a run); held-out bits/byte of the
     student at the start and the end on the case's held-out text. ``--set`` overrides apply to every run.
     """
     from surgery.config import load_config
@@ -264,7 +265,8 @@ def run_teacher(args) -> None:
         texts = ROOT / "artifacts" / "texts"
         start = None
         for i, name in enumerate(args.losses):
-            out = out_root / f"{case}-{name}{args.tag}"
+            seed_tag = f"-seed{args.seed}" if args.seed else ""
+            out = out_root / f"{case}-{name}{args.tag}{seed_tag}"
             overrides = [f"output_dir={out}", f"loss.name={name}", f"train.steps={args.steps}",
                          f"student.model={s_name}", f"teachers.0.model={t_name}",
                          f"data.train={texts / (stem + '.train.txt')}", f"data.heldout={texts / (stem + '.heldout.txt')}",
@@ -273,8 +275,8 @@ def run_teacher(args) -> None:
                          f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}", f"train.eval_every={args.eval_every}",
                          f"train.eval_max_bytes={args.eval_bytes}",
                          *([f"data.max_blocks={args.max_blocks}"] if args.max_blocks else []),
-                         "train.checkpoint_every=0", "train.threads=1", "train.seed=0", "train.progress=false",
-                         f"train.eval_at_start={'true' if i == 0 else 'false'}",
+                         "train.checkpoint_every=0", "train.threads=1", f"train.seed={args.seed}",
+                         "train.progress=false", f"train.eval_at_start={'true' if i == 0 else 'false'}",
                          *[x for x in args.set if not (name == "ce" and x.startswith("cache."))]]  # ce: no teacher
             cfg = load_config(DistillConfig, ROOT / "recipes" / "distill_gemma3_to_smollm2.yaml", overrides)
             t0 = time.time()
@@ -284,7 +286,7 @@ def run_teacher(args) -> None:
             rows = [json.loads(l) for l in (r.output_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
             tr = [x for x in rows if x.get("event") == "train"]
             print(json.dumps({"benchmark": "distill_teacher", "case": case, "teacher": t_name, "student": s_name,
-                              "text": stem, "loss": name + args.tag, "steps": args.steps,
+                              "text": stem, "loss": name + args.tag, "seed": args.seed, "steps": args.steps,
                               "blocks_per_step": args.batch, "corpus_blocks": args.max_blocks,
                               "block_chars": args.block_chars, "max_tokens": args.max_tokens, "lr": args.lr,
                               "heldout_bytes": args.eval_bytes, "overrides": args.set, "heldout_bpb_start": start,

@@ -109,6 +109,17 @@ def held(lock: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def cut_texts(paths: list[str], max_chars: int, folder: Path) -> list[str]:
+    """The first ``max_chars`` characters of each text in ``paths``, written under ``folder`` (new paths)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in paths:
+        q = folder / Path(p).name
+        q.write_text(Path(p).read_text(encoding="utf-8")[:max_chars], encoding="utf-8")
+        out.append(str(q))
+    return out
+
+
 def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params, teacher, out) -> None:
     """Heal ``src`` for ``--heal-minutes`` under one parameter policy and teacher; prints one row per language."""
     from surgery.commands.heal import heal_checkpoint
@@ -133,6 +144,9 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
               "bits_per_byte": round(v, 4), "ratio": ratio(v, orig[lang]),
               "zero_shot_bits_per_byte": round(zero_shot[lang], 4),
               "heal_budget": budget, "heal_steps": s["steps"], "heal_teacher_steps": s.get("teacher_steps"),
+              **({"heal_teacher_memo_hits": s["teacher_memo_hits"]} if s.get("teacher_memo_hits") is not None else {}),
+              **({"heal_max_chars": args.heal_max_chars} if args.heal_max_chars else {}),
+              "heal_train_tokens": s.get("train_tokens_available"),
               "heal_s": round(time.time() - t3, 1),
               "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],
               "heal_tokens": s["tokens_seen"], "heal_rows_trained": s.get("rows_trained"),
@@ -160,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-steps", type=int, default=None,
                     help="heal for this many optimizer steps instead of --heal-minutes (per-step comparisons)")
     ap.add_argument("--heal-texts", nargs="+", default=None, help="default: shipped train texts of --langs")
+    ap.add_argument("--heal-max-chars", type=int, default=None,
+                    help="heal on the first N characters of each heal text only (the data-limited regime: a small "
+                         "corpus read for several epochs)")
     ap.add_argument("--heal-method", default=None, help="method to heal (default: the best zero-shot of this run)")
     ap.add_argument("--heal-lr", type=float, default=HEAL_LR, help="learning rate of the healed rows")
     ap.add_argument("--heal-negatives", type=int, default=HEAL_NEGATIVES,
@@ -248,6 +265,8 @@ def main(argv=None) -> int:
                 continue
             src = results[best][1]
             heal_texts = args.heal_texts or [str(TEXTS / f"debian-reference.{lang}.train.txt") for lang in args.langs]
+            if args.heal_max_chars:
+                heal_texts = cut_texts(heal_texts, args.heal_max_chars, work / "heal-texts")
             cells = ([tuple(c.split(":", 1)) for c in args.heal_cells] if args.heal_cells else
                      [(p, t) for p in args.heal_params for t in args.heal_teachers])
             for params, teacher in cells:

@@ -9,6 +9,11 @@ per batch from each teacher's own next-token predictions on that batch:
 - ``entropy``: minus the mean entropy of its predictive distributions;
 - ``max_prob``: the mean probability of its top token.
 
+Target memo. A loss that reads of the teacher only its log-probabilities of its own next tokens (``alm``) needs
+one float per teacher token: :class:`TargetMemo` keeps them per training block the first time a block is seen, so
+a block drawn again (a heal draws with replacement; a small corpus is read for several epochs) costs no teacher
+forward pass.
+
 Top-k cache. A large teacher need run only once: :class:`TopKCache` runs it
 over every training block, keeps the ``k`` largest logits per position with
 their ids, the exact log-partition and the per-position statistics above, and
@@ -106,6 +111,47 @@ class Teacher:
     weight: float
     model: torch.nn.Module | None = None  # None when every block is served from the cache
     cache: "TopKCache | None" = None
+    memo: "TargetMemo | None" = None  # the teacher's next-token log-probs of blocks seen before (loss alm)
+
+
+class TargetMemo:
+    """The teacher's log-probability of each of its own next tokens, per training block, in memory.
+
+    Filled by the trainer from the live teacher's forward passes (:meth:`write`); a batch whose every block is
+    here is served without one (:meth:`read`). Only for a loss that reads nothing else of the teacher
+    (``needs_targets`` and no distribution: ``alm``). Holds at most ``max_tokens`` floats (4 bytes each); blocks
+    seen after that run the teacher as before.
+
+    Args:
+        max_tokens: capacity in teacher tokens (default 2^26: 256 MiB).
+    """
+
+    def __init__(self, max_tokens: int = 1 << 26):
+        self.rows: dict[int, torch.Tensor] = {}
+        self.max_tokens, self.tokens = int(max_tokens), 0
+        self.hits = self.misses = 0  # batches served / batches that ran the teacher
+
+    def read(self, block_ids: Sequence[int], lengths: Sequence[int], L: int, device) -> torch.Tensor | None:
+        """``(B·L,)`` float32 log-probs laid out like the live teacher's rows (0 past each block's ``lengths``),
+        or None when a block is missing or was encoded to another length (the caller runs the teacher)."""
+        rows = [self.rows.get(int(i)) for i in block_ids]
+        if any(r is None or r.shape[0] != n for r, n in zip(rows, lengths)):
+            self.misses += 1
+            return None
+        out = torch.zeros(len(rows), L)
+        for b, r in enumerate(rows):
+            out[b, :r.shape[0]] = r
+        self.hits += 1
+        return out.reshape(-1).to(device)
+
+    def write(self, block_ids: Sequence[int], logp: torch.Tensor, lengths: Sequence[int]) -> None:
+        """Keep ``logp`` (``(B, L)``, the live teacher's) for each block not held yet, its first ``lengths[b]``
+        entries, while the capacity lasts."""
+        for b, (i, n) in enumerate(zip(block_ids, lengths)):
+            if int(i) in self.rows or self.tokens + n > self.max_tokens:
+                continue
+            self.rows[int(i)] = logp[b, :n].detach().float().cpu().clone()
+            self.tokens += int(n)
 
 
 class TopKCache:

@@ -99,6 +99,10 @@ class TeacherTask(BlocksTask):
     bytes where its vocabulary is weaker (SmolLM2 on Chinese about 1.9x Llama-3's), and a teacher cut at
     ``seq_len`` tokens would teach only the first half of such a block.
 
+    With ``alm`` (it reads of the teacher only its log-probs of its own next tokens) those are kept per block
+    (:class:`distill.teachers.TargetMemo`): a block drawn again, or read again in a later epoch of a small corpus,
+    costs no teacher pass.
+
     The teacher teaches for the first ``teacher_fraction`` of the budget (the loop reports the spent fraction
     through :meth:`set_budget_fraction`, weight :func:`teacher_weight`); after it a step is the plain heal's step
     (the student's CE on the same kind of blocks), the teacher's forward pass skipped.
@@ -117,6 +121,11 @@ class TeacherTask(BlocksTask):
     def __init__(self, texts, tokenizer, s_vocab, teacher, loss_config, seq_len: int, batch_size: int, seed: int,
                  device, teacher_fraction: float = 1.0, teacher_decay: str = "none"):
         super().__init__(texts, tokenizer, s_vocab, seq_len, batch_size, seed, device)
+        from distill.teachers import TargetMemo
+        from distill.trainer.distill_task import reads_student
+
+        if getattr(teacher.loss, "needs_targets", False) and reads_student(teacher) == "target_logp":
+            teacher = dataclasses.replace(teacher, memo=TargetMemo())  # alm: a block's teacher pass runs once
         self.teacher = teacher
         self.cfg.data.teacher_max_tokens = TEACHER_TOKENS * seq_len
         self.cfg.loss = loss_config
@@ -132,7 +141,10 @@ class TeacherTask(BlocksTask):
         return [] if self.weight == 0 else [dataclasses.replace(self.teacher, weight=self.weight)]
 
     def step_metrics(self) -> dict:
-        return {"tokens": self.tokens, "teacher_weight": round(self.weight, 6)}
+        out = {"tokens": self.tokens, "teacher_weight": round(self.weight, 6)}
+        if self.teacher.memo is not None:
+            out["teacher_memo_hits"] = self.teacher.memo.hits  # batches served without a teacher pass, so far
+        return out
 
 
 def teacher_dtype(name: str, autocast: str, device: torch.device) -> torch.dtype:

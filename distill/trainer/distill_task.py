@@ -151,11 +151,15 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
         sel_t = torch.nonzero(pt >= 0)[:, 0]
         Lt = t_enc.input_ids.shape[1]
         targets = t_enc.labels.reshape(-1)
+        t_lengths = t_enc.attention_mask.sum(1).tolist()
+        memo_logp = t.memo.read(block_ids, t_lengths, Lt, device) if t.memo is not None else None
         if t.cache is not None:
             if reads_student(t) == "hidden":
                 raise SurgeryError("loss 'hidden' needs the live teacher (its hidden states are not cached)",
                                    "set cache.enabled=false")
-            full, stats = t.cache.read(block_ids, t_enc.attention_mask.sum(1).tolist(), Lt, device)
+            full, stats = t.cache.read(block_ids, t_lengths, Lt, device)
+        elif memo_logp is not None:  # every block seen before: its targets' log-probs are all alm reads
+            full, stats, t_logp = None, None, memo_logp
         else:
             with torch.no_grad(), head_input(t.model, reads_student(t) == "hidden") as t_box, autocast():
                 tl = t.model(input_ids=t_enc.input_ids, attention_mask=t_enc.attention_mask).logits
@@ -164,9 +168,12 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
             if getattr(t.loss, "needs_targets", False):  # alm: the teacher's log p of its own next tokens
                 with torch.no_grad():
                     t_logp = token_log_probs(tl, targets)[0]
+                if t.memo is not None:
+                    t.memo.write(block_ids, t_logp.view(B, Lt), t_lengths)
             stats = position_stats(tl, targets) if cfg.weighting.mode == "dynamic" else None
-        dist = full.select(sel_t)
-        dist.temperature = cfg.loss.temperature
+        dist = full.select(sel_t) if full is not None else None
+        if dist is not None:
+            dist.temperature = cfg.loss.temperature
         exact = None
         if cfg.loss.exact_chunks_only:
             exact = torch.from_numpy(exact_chunks(al, s_enc.input_ids.cpu().numpy(), t_enc.input_ids.cpu().numpy(),

@@ -209,5 +209,6 @@ def _summary(cfg, step: int, seconds: float, n_tokens: int, metrics: list[dict],
             "rows_trained": policy.rows.rows_trained if policy.rows is not None else 0,
             "teacher_steps": sum(1 for m in train if m.get("teacher_weight", 0) > 0)
             if any("teacher_weight" in m for m in train) else None,
+            "teacher_memo_hits": train[-1].get("teacher_memo_hits") if train else None,
             "params": cfg.params, "device": str(device), "bf16_autocast": bf16, "config": cfg.to_dict(),
             "bits_per_byte_before": bpb_before}

@@ -166,3 +166,44 @@ def test_heal_config_validates_the_teacher_fraction():
             HealConfig(steps=1, teacher="auto", teacher_fraction=bad)
     with pytest.raises(ConfigError, match="need a teacher"):
         HealConfig(steps=1, teacher="none", teacher_fraction=0.5)
+
+
+def test_alm_teacher_runs_once_per_block_and_its_memo_gives_the_live_loss(tiny_student, tiny_teacher, tiny_text):
+    """With ``alm`` a block's teacher pass runs once: the same batch again is served from the memo without a teacher
+    forward pass, with the loss and gradient of the live teacher; a batch with one unseen block runs the teacher."""
+    from surgery.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_student))
+    teacher, sv, lc = load_heal_teacher(str(tiny_teacher), tok, "alm", torch.device("cpu"))
+    texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")]
+    task = TeacherTask(texts, tok, sv, teacher, lc, seq_len=48, batch_size=2, seed=0, device=torch.device("cpu"))
+    assert task.teacher.memo is not None and len(task.blocks) >= 3
+    student = load_model(str(tiny_student))
+    calls: list[str] = []
+    task.teacher.model.register_forward_hook(lambda *_: calls.append("t"))
+    batch = ([task.blocks[0], task.blocks[1]], [0, 1])
+    runs = []
+    for _ in range(2):
+        student.zero_grad()
+        total, mets = task.loss(student, batch, contextlib.nullcontext)
+        total.backward()
+        runs.append((total.item(), mets["kd0"], student.lm_head.weight.grad.clone()))
+    assert calls == ["t"] and task.teacher.memo.hits == 1  # the second pass read the memo
+    assert runs[1][0] == runs[0][0] and runs[1][1] == runs[0][1] and torch.equal(runs[1][2], runs[0][2])
+    task.loss(student, ([task.blocks[1], task.blocks[2]], [1, 2]), contextlib.nullcontext)
+    assert calls == ["t", "t"] and sorted(task.teacher.memo.rows) == [0, 1, 2]
+
+
+def test_target_memo_layout_and_capacity():
+    """Rows come back at the live layout (zeros past a block's length); a block encoded to another length is a miss;
+    nothing is kept past the capacity."""
+    from distill.teachers import TargetMemo
+
+    memo = TargetMemo(max_tokens=7)
+    logp = -torch.rand(2, 5)
+    memo.write([4, 9], logp, [5, 3])
+    assert memo.tokens == 5 and sorted(memo.rows) == [4]  # block 9 (3 more) would pass 7
+    got = memo.read([4], [5], 6, "cpu")
+    assert torch.equal(got, torch.cat([logp[0], torch.zeros(1)]))
+    assert memo.read([4, 9], [5, 3], 5, "cpu") is None and memo.read([4], [4], 5, "cpu") is None
+    assert (memo.hits, memo.misses) == (1, 2)
