@@ -83,6 +83,10 @@ def run(args) -> int:
     bpb = ""
     if s.get("bits_per_byte_before") is not None:
         bpb = f" Bits/byte on {args.eval_text}: {s['bits_per_byte_before']:.4f} → {s['bits_per_byte_after']:.4f}."
+    if s.get("teacher_steps") is not None:
+        hits = s.get("teacher_memo_hits")
+        bpb += (f" Teacher {s.get('teacher')} taught {s['teacher_steps']} steps"
+                + (f" ({hits} of them from its kept log-probs, no teacher pass)." if hits else "."))
     print(f"Healed {args.model} for {s['steps']} steps ({s['seconds']} s on {s['device']}, "
           f"{s['tokens_seen']} tokens, params {cfg.params}{'' if cfg.params == 'all' else f' ({cfg.train_rows} rows)'}): loss "
           f"{s['loss_first']} → {s['loss_last10']} (mean of the last 10 steps).{bpb} Wrote {args.out} "

@@ -207,3 +207,21 @@ def test_target_memo_layout_and_capacity():
     assert torch.equal(got, torch.cat([logp[0], torch.zeros(1)]))
     assert memo.read([4, 9], [5, 3], 5, "cpu") is None and memo.read([4], [4], 5, "cpu") is None
     assert (memo.hits, memo.misses) == (1, 2)
+
+
+def test_cli_heal_with_a_teacher_on_a_small_corpus_reuses_the_teachers_log_probs(tiny_student, tiny_teacher, tiny_text,
+                                                                                 tmp_path, capsys):
+    """A small corpus is drawn again and again: from the CLI, the summary counts the steps served from the teacher's
+    kept log-probs (no teacher pass) and the last line says so."""
+    from surgery.cli import main
+
+    text = tmp_path / "small.txt"
+    text.write_text((tiny_text / "train.txt").read_text(encoding="utf-8")[:400], encoding="utf-8")
+    out = tmp_path / "healed"
+    rc = main(["heal", str(tiny_student), "--text", str(text), "--steps", "6", "--out", str(out), "--seq-len", "48",
+               "--batch-size", "2", "--device", "cpu", "--params", "all", "--teacher", str(tiny_teacher),
+               "--loss", "alm"])
+    printed = capsys.readouterr().out
+    s = json.loads((out / "heal_summary.json").read_text())
+    assert rc == 0 and s["teacher_steps"] == 6 and 1 <= s["teacher_memo_hits"] < 6
+    assert f"taught 6 steps ({s['teacher_memo_hits']} of them from its kept log-probs" in printed
