@@ -144,7 +144,9 @@ class HealConfig(Config):
     seed: int = field(default=0, metadata={"help": "data order and init seed"})
     teacher: str = field(default="none", metadata={
         "help": "none (next-token CE only), auto (the base model named in the input's transplant_report.json, with "
-                "its own tokenizer) or a model: teaches through --loss on blocks of the text"})
+                "its own tokenizer) or a model: teaches through --loss on blocks of the text. auto pays on a small "
+                "corpus that the budget reads several times; on a large one CE alone is better per CPU second "
+                "(README, healing with the base model as teacher)"})
     loss: str = field(default="alm", metadata={
         "help": "the teacher's cross-vocabulary loss (alm, hidden, pkl, hkl, tkl, uld, gold; with --teacher)"})
     teacher_balance: Literal["gradient", "value"] = field(default="gradient", metadata={
