@@ -113,8 +113,8 @@ def cut_texts(paths: list[str], max_chars: int, folder: Path) -> list[str]:
     """The first ``max_chars`` characters of each text in ``paths``, written under ``folder`` (new paths)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for p in paths:
-        q = folder / Path(p).name
+    for i, p in enumerate(paths):
+        q = folder / f"{i}-{Path(p).name}"  # two texts of the same name in different folders stay apart
         q.write_text(Path(p).read_text(encoding="utf-8")[:max_chars], encoding="utf-8")
         out.append(str(q))
     return out

@@ -152,14 +152,13 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
         Lt = t_enc.input_ids.shape[1]
         targets = t_enc.labels.reshape(-1)
         t_lengths = t_enc.attention_mask.sum(1).tolist()
-        memo_logp = t.memo.read(block_ids, t_lengths, Lt, device) if t.memo is not None else None
         if t.cache is not None:
             if reads_student(t) == "hidden":
                 raise SurgeryError("loss 'hidden' needs the live teacher (its hidden states are not cached)",
                                    "set cache.enabled=false")
             full, stats = t.cache.read(block_ids, t_lengths, Lt, device)
-        elif memo_logp is not None:  # every block seen before: its targets' log-probs are all alm reads
-            full, stats, t_logp = None, None, memo_logp
+        elif t.memo is not None and (memo_logp := t.memo.read(block_ids, t_lengths, Lt, device)) is not None:
+            full, stats, t_logp = None, None, memo_logp  # every block seen before: alm reads only these log-probs
         else:
             with torch.no_grad(), head_input(t.model, reads_student(t) == "hidden") as t_box, autocast():
                 tl = t.model(input_ids=t_enc.input_ids, attention_mask=t_enc.attention_mask).logits
