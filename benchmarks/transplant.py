@@ -128,7 +128,8 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
 
     budget = {"steps": args.heal_steps} if args.heal_steps else {"minutes": args.heal_minutes}
     schedule = {} if teacher == "none" else {"teacher_fraction": args.heal_teacher_fraction,
-                                             "teacher_decay": args.heal_teacher_decay}
+                                             "teacher_decay": args.heal_teacher_decay,
+                                             "teacher_on": args.heal_teacher_on}
     cfg = HealConfig(**budget, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
                      warmup=3, checkpoint_every=100000, params=params, negatives=args.heal_negatives,
                      teacher=teacher, loss=args.heal_loss, autocast=args.heal_autocast, seed=args.heal_seed,
@@ -152,7 +153,8 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
               "heal_tokens": s["tokens_seen"], "heal_rows_trained": s.get("rows_trained"),
               "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "negatives", "all_lr",
                                                           "lora_lr", "teacher_balance", "autocast", "teacher_dtype",
-                                                          "teacher_fraction", "teacher_decay", "seed")
+                                                          "teacher_fraction", "teacher_decay", "teacher_on",
+                                                          "seed")
                                 if k in s["config"]}, "bf16_autocast": s.get("bf16_autocast")})
     shutil.rmtree(out, ignore_errors=True)
 
@@ -196,6 +198,8 @@ def main(argv=None) -> int:
                     help="teacher cells: the teacher teaches the first F of the budget, then CE alone")
     ap.add_argument("--heal-teacher-decay", default="none", choices=["none", "linear"],
                     help="teacher cells: the teacher's weight over its fraction (linear: 1 down to 0)")
+    ap.add_argument("--heal-teacher-on", default="every", choices=["every", "repeats"],
+                    help="teacher cells: every step, or repeats (only steps whose blocks were all drawn before)")
     ap.add_argument("--heal-seed", type=int, default=0, help="seed of the heal's block order and LoRA init")
     ap.add_argument("--lock", default=None,
                     help="hold this file's flock during each transplant + evaluation and each heal (lets other jobs "

@@ -11,7 +11,10 @@ whatever parameter policy the heal uses (new rows, head, LoRA, all).
 - :class:`TeacherTask` — the loop's view of a heal with a teacher: the plain heal's random token blocks
   (:class:`distill.trainer.heal_run.BlocksTask`, resumable through its generator) with the teacher's term added;
 - :func:`teacher_weight` — the teacher's weight along the budget: on for its first ``teacher_fraction`` (constant
-  or decaying linearly), then off: CE alone, and the teacher's forward pass is skipped.
+  or decaying linearly), then off: CE alone, and the teacher's forward pass is skipped;
+- ``teacher_on="repeats"`` — the teacher teaches only steps whose blocks were all read before: a block's first
+  reading is CE alone (fresh text teaches the student as much as the teacher does, at no extra cost), its later
+  readings, where CE alone starts to overfit, get the teacher.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distill.trainer.heal_run import BlocksTask
@@ -105,7 +109,11 @@ class TeacherTask(BlocksTask):
 
     The teacher teaches for the first ``teacher_fraction`` of the budget (the loop reports the spent fraction
     through :meth:`set_budget_fraction`, weight :func:`teacher_weight`); after it a step is the plain heal's step
-    (the student's CE on the same kind of blocks), the teacher's forward pass skipped.
+    (the student's CE on the same kind of blocks), the teacher's forward pass skipped. With ``teacher_on="repeats"``
+    a step inside that fraction is a plain step too unless every block of its batch was drawn before
+    (:attr:`seen`, rebuilt on resume by :meth:`replay`): on a corpus the budget reads about once the heal is CE
+    alone, on one it reads several times the teacher teaches from the second reading on (and, with ``alm``, from
+    the third reading on from its kept log-probs).
 
     Args:
         texts: training texts.
@@ -116,10 +124,11 @@ class TeacherTask(BlocksTask):
         batch_size: blocks per step.
         teacher_fraction: fraction of the budget, in (0, 1], with the teacher on.
         teacher_decay: ``none`` or ``linear`` (:func:`teacher_weight`).
+        teacher_on: ``every`` step of the fraction or ``repeats`` (steps whose blocks were all drawn before).
     """
 
     def __init__(self, texts, tokenizer, s_vocab, teacher, loss_config, seq_len: int, batch_size: int, seed: int,
-                 device, teacher_fraction: float = 1.0, teacher_decay: str = "none"):
+                 device, teacher_fraction: float = 1.0, teacher_decay: str = "none", teacher_on: str = "every"):
         super().__init__(texts, tokenizer, s_vocab, seq_len, batch_size, seed, device)
         from distill.teachers import TargetMemo
         from distill.trainer.distill_task import reads_student
@@ -130,14 +139,37 @@ class TeacherTask(BlocksTask):
         self.cfg.data.teacher_max_tokens = TEACHER_TOKENS * seq_len
         self.cfg.loss = loss_config
         self.teacher_fraction, self.teacher_decay = teacher_fraction, teacher_decay
-        self.weight = 1.0  # the teacher's weight in the current step
+        if teacher_on not in ("every", "repeats"):
+            raise ValueError(f"teacher_on must be every or repeats, got {teacher_on!r}")
+        self.teacher_on = teacher_on
+        self.seen = np.zeros(len(self.blocks), dtype=bool)  # (n_blocks,) drawn at least once so far
+        self.weight = 1.0  # the teacher's weight in the current step (0: CE alone)
+        self._scheduled = 1.0  # the weight teacher_weight gives this step
 
     def set_budget_fraction(self, spent: float) -> None:
         """Called by the loop before each step: ``spent`` of the budget is spent (sets the teacher's weight)."""
-        self.weight = teacher_weight(spent, self.teacher_fraction, self.teacher_decay)
+        self._scheduled = self.weight = teacher_weight(spent, self.teacher_fraction, self.teacher_decay)
+
+    def micro_batches(self, step: int) -> list:
+        """The plain heal's batch; with ``teacher_on="repeats"`` the teacher's weight drops to 0 for this step
+        unless every block of the batch was drawn before."""
+        out = super().micro_batches(step)
+        ids = np.asarray([i for _, idx in out for i in idx], dtype=np.int64)
+        repeat = bool(self.seen[ids].all())
+        self.seen[ids] = True
+        self.weight = self._scheduled if self.teacher_on == "every" or repeat else 0.0
+        return out
+
+    def replay(self, steps: int) -> None:
+        """Rebuild :attr:`seen` after a resume at ``steps``: redraw that many batches from the seed (the loop
+        restores the generator itself)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        self.seen[:] = False
+        for _ in range(steps):
+            self.seen[self.draw(gen)] = True
 
     def teachers(self) -> list:
-        """The teacher at this step's weight, or none once its window is over."""
+        """The teacher at this step's weight, or none (outside its window, or a first reading with ``repeats``)."""
         return [] if self.weight == 0 else [dataclasses.replace(self.teacher, weight=self.weight)]
 
     def step_metrics(self) -> dict:
@@ -160,10 +192,10 @@ def teacher_dtype(name: str, autocast: str, device: torch.device) -> torch.dtype
 def heal_teacher_task(teacher_name: str, tokenizer, texts, config) -> TeacherTask:
     """The :class:`TeacherTask` of a heal (``config``: a :class:`surgery.transplant.config.HealConfig` with
     ``loss``, ``teacher_balance``, ``seq_len``, ``batch_size``, ``seed``, ``device``, ``teacher_fraction``,
-    ``teacher_decay``)."""
+    ``teacher_decay``, ``teacher_on``)."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher, s_vocab, lc = load_heal_teacher(teacher_name, tokenizer, config.loss, device,
                                              dtype=teacher_dtype(config.teacher_dtype, config.autocast, device),
                                              rescale_by=config.teacher_balance)
     return TeacherTask(texts, tokenizer, s_vocab, teacher, lc, config.seq_len, config.batch_size, config.seed, device,
-                       config.teacher_fraction, config.teacher_decay)
+                       config.teacher_fraction, config.teacher_decay, config.teacher_on)

@@ -63,12 +63,17 @@ class BlocksTask:
         self.cfg = SimpleNamespace(data=SimpleNamespace(max_tokens=seq_len), loss=SimpleNamespace(name="ce"),
                                    weighting=SimpleNamespace(mode="fixed", alpha=1.0, score="ce"))
         self.batch_size, self.device = batch_size, device
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed)
         self.tokens = 0
 
+    def draw(self, gen: torch.Generator) -> list[int]:
+        """The block ids of one step: ``batch_size`` uniform draws (with replacement) from ``gen``."""
+        return torch.randint(0, len(self.blocks), (self.batch_size,), generator=gen).tolist()
+
     def micro_batches(self, step: int) -> list:
         """One micro-batch: ``(texts, block ids)`` of ``batch_size`` blocks drawn with :attr:`gen`."""
-        idx = torch.randint(0, len(self.blocks), (self.batch_size,), generator=self.gen).tolist()
+        idx = self.draw(self.gen)
         return [([self.blocks[i] for i in idx], idx)]
 
     def token_ids(self, batch) -> torch.Tensor:
@@ -116,6 +121,8 @@ def _resume(state_dir: Path | None, model, policy, env, task, cfg) -> tuple[int,
             {k: v for k, v in cfg.to_dict().items() if k not in budget}:
         LOG.warning("resuming with a different heal config than the saved state")
     task.gen.set_state(st["data_rng"])
+    if hasattr(task, "replay"):  # a task that remembers which blocks it drew (TeacherTask) rebuilds that
+        task.replay(int(st["step"]))
     LOG.info("resumed at step %d (%.0f s trained)", st["step"], st["elapsed"])
     return int(st["step"]), float(st["elapsed"]), list(st["metrics"])
 
@@ -137,7 +144,7 @@ def heal(model, tokenizer, texts: list[str], config, state_dir: str | Path | Non
         task: the loop's task (default: :class:`BlocksTask` of ``texts``, next-token CE), e.g. a
             :class:`distill.teaching.TeacherTask` on the same blocks. It needs a ``gen`` generator (saved for
             resume), ``n_tokens`` (the training tokens, for the summary) and, if its batches are not token tensors,
-            ``token_ids(batch)``.
+            ``token_ids(batch)``; a ``replay(step)`` method is called after a resume.
 
     Returns:
         ``(model, summary, metrics)``; with LoRA the adapters are merged into the returned model.

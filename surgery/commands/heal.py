@@ -18,7 +18,8 @@ DESCRIPTION = (
 
 _FLAGS = ("steps", "minutes", "params", "lr", "negatives", "lora_rank", "lora_lr", "all_lr", "seq_len", "batch_size",
           "warmup", "weight_decay", "grad_clip", "train_rows", "autocast", "checkpoint_every", "eval_every", "seed",
-          "teacher", "loss", "teacher_balance", "teacher_dtype", "teacher_fraction", "teacher_decay")
+          "teacher", "loss", "teacher_balance", "teacher_dtype", "teacher_fraction", "teacher_decay",
+          "teacher_on")
 
 
 def add_arguments(p):

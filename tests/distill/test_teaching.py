@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,63 @@ def test_cli_heal_with_a_teacher_on_a_small_corpus_reuses_the_teachers_log_probs
     s = json.loads((out / "heal_summary.json").read_text())
     assert rc == 0 and s["teacher_steps"] == 6 and 1 <= s["teacher_memo_hits"] < 6
     assert f"taught 6 steps ({s['teacher_memo_hits']} of them from its kept log-probs" in printed
+
+
+def _repeat_steps(n_blocks: int, batch_size: int, steps: int, seed: int = 0) -> list[bool]:
+    """Reference: redraw the heal's blocks and mark the steps whose blocks were all drawn at an earlier step."""
+    gen, seen, out = torch.Generator().manual_seed(seed), set(), []
+    for _ in range(steps):
+        ids = torch.randint(0, n_blocks, (batch_size,), generator=gen).tolist()
+        out.append(all(i in seen for i in ids))
+        seen.update(ids)
+    return out
+
+
+def test_teacher_on_repeats_teaches_only_steps_whose_blocks_were_all_read_before(tiny_student, tiny_teacher,
+                                                                                 tiny_text, tmp_path):
+    """``teacher_on="repeats"``: the teacher's model runs (and its term weighs 1) at exactly the steps a brute-force
+    redraw of the block order marks as repeats; every other step is the student's CE alone. A run stopped after
+    3 steps (its last state) and resumed rebuilds which blocks it read: its steps and weights are those of the straight run."""
+    from distill.teaching import heal_teacher_task
+    from distill.trainer import heal
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.transplant.config import HealConfig
+
+    tok = load_tokenizer(str(tiny_student))
+    texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")[:600]]
+    cfg = HealConfig(steps=8, params="all", teacher=str(tiny_teacher), loss="pkl", seq_len=48, batch_size=2,
+                     warmup=0, device="cpu", teacher_on="repeats", checkpoint_every=3)
+    task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
+    want = _repeat_steps(len(task.blocks), 2, 8)
+    assert any(want) and not all(want)  # the corpus is small enough for both kinds of step
+    student = load_model(str(tiny_student))
+    calls: list[str] = []
+    student.register_forward_hook(lambda *_: calls.append("s"))
+    task.teacher.model.register_forward_hook(lambda *_: calls.append("t"))
+    _, summary, metrics = heal(student, tok, texts, cfg, tmp_path / "straight", progress=False, task=task)
+    train = [m for m in metrics if m["event"] == "train"]
+    assert "".join(calls) == "".join("st" if r else "s" for r in want)
+    assert [m["teacher_weight"] for m in train] == [1.0 if r else 0.0 for r in want]
+    assert all(("kd0" in m) == r for m, r in zip(train, want)) and summary["teacher_steps"] == sum(want)
+
+    stopped = HealConfig(**{**cfg.to_dict(), "steps": 4})  # its state is written after step 3
+    heal(load_model(str(tiny_student)), tok, texts, stopped, tmp_path / "stopped", progress=False,
+         task=heal_teacher_task(str(tiny_teacher), tok, texts, stopped))
+    resumed_task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
+    _, _, again = heal(load_model(str(tiny_student)), tok, texts, cfg, tmp_path / "stopped", resume=True,
+                       progress=False, task=resumed_task)
+    again = [m for m in again if m["event"] == "train"]
+    assert [m["step"] for m in again] == list(range(1, 9))
+    assert [m["teacher_weight"] for m in again] == [m["teacher_weight"] for m in train]
+    assert np.array_equal(resumed_task.seen, task.seen)
+
+
+def test_heal_config_teacher_on_needs_a_teacher():
+    from surgery.errors import ConfigError
+    from surgery.transplant.config import HealConfig
+
+    assert HealConfig(steps=1, teacher="auto", teacher_on="repeats").teacher_on == "repeats"
+    with pytest.raises(ConfigError, match="need a teacher"):
+        HealConfig(steps=1, teacher="none", teacher_on="repeats")
+    with pytest.raises(ConfigError, match="teacher_on"):
+        HealConfig.from_dict({"steps": 1, "teacher": "auto", "teacher_on": "sometimes"})
