@@ -86,7 +86,8 @@ def run(args) -> int:
         bpb = f" Bits/byte on {args.eval_text}: {s['bits_per_byte_before']:.4f} → {s['bits_per_byte_after']:.4f}."
     if s.get("teacher_steps") is not None:
         hits = s.get("teacher_memo_hits")
-        bpb += (f" Teacher {s.get('teacher')} taught {s['teacher_steps']} steps"
+        which = " (those that re-read blocks; the rest read new text: CE alone)" if cfg.teacher_on == "repeats" else ""
+        bpb += (f" Teacher {s.get('teacher')} taught {s['teacher_steps']} steps{which}"
                 + (f" ({hits} of them from its kept log-probs, no teacher pass)." if hits else "."))
     print(f"Healed {args.model} for {s['steps']} steps ({s['seconds']} s on {s['device']}, "
           f"{s['tokens_seen']} tokens, params {cfg.params}{'' if cfg.params == 'all' else f' ({cfg.train_rows} rows)'}): loss "

@@ -210,22 +210,30 @@ def test_target_memo_layout_and_capacity():
     assert (memo.hits, memo.misses) == (1, 2)
 
 
-def test_cli_heal_with_a_teacher_on_a_small_corpus_reuses_the_teachers_log_probs(tiny_student, tiny_teacher, tiny_text,
-                                                                                 tmp_path, capsys):
+@pytest.mark.parametrize("teacher_on", ["every", "repeats"])
+def test_cli_heal_with_a_teacher_on_a_small_corpus_reuses_the_teachers_log_probs(teacher_on, tiny_student, tiny_teacher,
+                                                                                 tiny_text, tmp_path, capsys):
     """A small corpus is drawn again and again: from the CLI, the summary counts the steps served from the teacher's
-    kept log-probs (no teacher pass) and the last line says so."""
+    kept log-probs (no teacher pass) and the last line says so; with ``--teacher-on repeats`` the teacher teaches
+    exactly the steps that re-read their blocks."""
+    from distill.data import token_blocks
     from surgery.cli import main
+    from surgery.loading import load_tokenizer
 
+    small = (tiny_text / "train.txt").read_text(encoding="utf-8")[:400]
     text = tmp_path / "small.txt"
-    text.write_text((tiny_text / "train.txt").read_text(encoding="utf-8")[:400], encoding="utf-8")
+    text.write_text(small, encoding="utf-8")
     out = tmp_path / "healed"
     rc = main(["heal", str(tiny_student), "--text", str(text), "--steps", "6", "--out", str(out), "--seq-len", "48",
                "--batch-size", "2", "--device", "cpu", "--params", "all", "--teacher", str(tiny_teacher),
-               "--loss", "alm"])
+               "--loss", "alm", "--teacher-on", teacher_on])
     printed = capsys.readouterr().out
     s = json.loads((out / "heal_summary.json").read_text())
-    assert rc == 0 and s["teacher_steps"] == 6 and 1 <= s["teacher_memo_hits"] < 6
-    assert f"taught 6 steps ({s['teacher_memo_hits']} of them from its kept log-probs" in printed
+    n_blocks = len(token_blocks([small], load_tokenizer(str(tiny_student)), 47))
+    taught = 6 if teacher_on == "every" else sum(_repeat_steps(n_blocks, 2, 6))
+    assert rc == 0 and s["teacher_steps"] == taught and 1 <= s["teacher_memo_hits"] < taught
+    which = " (those that re-read blocks; the rest read new text: CE alone)" if teacher_on == "repeats" else ""
+    assert f"taught {taught} steps{which} ({s['teacher_memo_hits']} of them from its kept log-probs" in printed
 
 
 def _repeat_steps(n_blocks: int, batch_size: int, steps: int, seed: int = 0) -> list[bool]:
