@@ -132,7 +132,8 @@ def transplant(args, folders: dict, train_paths: list[str], heldout_paths: list[
         for d in (moved, healed):  # this benchmark's own outputs from an earlier run
             shutil.rmtree(d, ignore_errors=True)
         steps = [("transplant", args.model, str(tok), str(moved)),
-                 ("heal", str(moved), "--text", *train_paths, "--steps", str(args.heal_steps), "--out", str(healed))]
+                 ("heal", str(moved), "--text", *train_paths, "--steps", str(args.heal_steps), "--out", str(healed),
+                  "--teacher", "none")]  # the README's rows: next-token CE alone
         for argv in steps:
             r = _cli(*argv)
             if r.returncode != 0:

@@ -132,8 +132,8 @@ def heal_checkpoint(model_path: str, text_paths: list[str], out: str, config, ov
     copied = read_copied_rows(src) if src.is_dir() else None
     from distill.teaching import heal_teacher_task, resolve_teacher
 
+    tok = load_tokenizer(model_path)  # a missing or broken MODEL is reported as such first
     teacher = resolve_teacher(config.teacher, src)  # before any model is loaded
-    tok = load_tokenizer(model_path)
     model = load_model(model_path, dtype=dtype or torch.float32)
     task = heal_teacher_task(teacher, tok, texts, config) if teacher else None
     sdir = state_dir_for(out)

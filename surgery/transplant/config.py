@@ -108,9 +108,10 @@ class HealConfig(Config):
     Exactly one of ``steps`` and ``minutes`` bounds the run. ``params`` says what is trained:
     ``new-rows`` (default) the embedding and head rows the transplant initialized, row-sparse with a lazy
     per-row Adam; ``head`` only their head rows (the body runs forward only); ``lora`` the new rows plus LoRA
-    adapters on the body (merged at the end); ``all`` every parameter (dense AdamW at ``all_lr``). With a
-    ``teacher``, ``teacher_fraction`` < 1 keeps it for that first part of the budget only (CE alone afterwards),
-    and ``teacher_on="repeats"`` only for steps whose blocks were all read before.
+    adapters on the body (merged at the end); ``all`` every parameter (dense AdamW at ``all_lr``). The
+    ``teacher`` (by default the transplant's base model) teaches only steps whose blocks were all read before
+    (``teacher_on="repeats"``; ``every`` for all steps); ``teacher_fraction`` < 1 keeps it for that first part of
+    the budget only (CE alone afterwards).
     """
 
     HINT = "see `surgery heal --help` and `surgery heal --help-config`"
@@ -143,11 +144,11 @@ class HealConfig(Config):
     eval_every: int = field(default=0, metadata={
         "help": "bits/byte of the eval text every N steps, into the metrics (0: before and after only)"})
     seed: int = field(default=0, metadata={"help": "data order and init seed"})
-    teacher: str = field(default="none", metadata={
-        "help": "none (next-token CE only), auto (the base model named in the input's transplant_report.json, with "
-                "its own tokenizer) or a model: teaches through --loss on blocks of the text. auto pays on a small "
-                "corpus that the budget reads several times; on a large one CE alone is better per CPU second "
-                "(README, healing with the base model as teacher)"})
+    teacher: str = field(default="auto", metadata={
+        "help": "auto (the base model named in the input's transplant_report.json, with its own tokenizer), a model, "
+                "or none (next-token CE only): teaches through --loss on blocks of the text, by default only blocks "
+                "the heal reads again (--teacher-on repeats), where CE alone starts to overfit (README, healing with "
+                "the base model as teacher)"})
     loss: str = field(default="alm", metadata={
         "help": "the teacher's cross-vocabulary loss (alm, hidden, pkl, hkl, tkl, uld, gold; with --teacher)"})
     teacher_balance: Literal["gradient", "value"] = field(default="gradient", metadata={
@@ -160,10 +161,11 @@ class HealConfig(Config):
     teacher_decay: Literal["none", "linear"] = field(default="none", metadata={
         "help": "the teacher's weight over its fraction of the budget (with --teacher): none (1 throughout) or "
                 "linear (from 1 down to 0 at the end of the fraction)"})
-    teacher_on: Literal["every", "repeats"] = field(default="every", metadata={
-        "help": "which steps of its fraction the teacher teaches (with --teacher): every step, or repeats: only a "
-                "step whose blocks were all drawn before (a block's first reading is CE alone; the teacher teaches "
-                "once the text repeats, so on a corpus the budget reads about once it costs nearly nothing)"})
+    teacher_on: Literal["repeats", "every"] = field(default="repeats", metadata={
+        "help": "which steps of its fraction the teacher teaches (with a teacher): repeats, only a step whose blocks "
+                "were all drawn before (a block's first reading is CE alone: on a corpus the budget reads about once "
+                "the heal is CE and the teacher costs nearly nothing; on one it reads several times the teacher "
+                "teaches from the second reading on), or every step"})
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "the teacher's weights (with --teacher): auto is bfloat16 when the heal runs under bf16 autocast "
                 "(its forward is bf16 then anyway; float32 weights would only be cast every step), else float32"})
@@ -205,9 +207,8 @@ class HealConfig(Config):
             problems.append(f"loss must be a cross-vocabulary loss ({', '.join(TEACHER_LOSSES)}), got {self.loss!r}")
         if not 0 < self.teacher_fraction <= 1:  # also catches NaN
             problems.append(f"teacher_fraction must be in (0, 1], got {self.teacher_fraction}")
-        if self.teacher == "none" and (self.teacher_fraction != 1 or self.teacher_decay != "none"
-                                       or self.teacher_on != "every"):
-            problems.append("teacher_fraction, teacher_decay and teacher_on need a teacher (teacher is none)")
+        if self.teacher == "none" and (self.teacher_fraction != 1 or self.teacher_decay != "none"):
+            problems.append("teacher_fraction and teacher_decay need a teacher (teacher is none)")
         if self.eval_every < 0:
             problems.append(f"eval_every must be >= 0, got {self.eval_every}")
         if self.checkpoint_every < 1:

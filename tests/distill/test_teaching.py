@@ -47,7 +47,7 @@ def test_heal_with_a_teacher_under_every_parameter_policy(params, tiny_student, 
     from surgery.transplant.config import HealConfig
 
     cfg = HealConfig(steps=2, params=params, train_rows="all", teacher=str(tiny_teacher), loss="alm", seq_len=48,
-                     batch_size=2, warmup=0, device="cpu")
+                     teacher_on="every", batch_size=2, warmup=0, device="cpu")
     s = heal_checkpoint(str(tiny_student), [str(tiny_text / "train.txt")], str(tmp_path / "out"), cfg, progress=False)
     assert s["steps"] == 2 and s["teacher"] == str(tiny_teacher)
     rows = [json.loads(l) for l in (tmp_path / "out" / "heal_metrics.jsonl").read_text().splitlines()]
@@ -65,7 +65,7 @@ def test_heal_teacher_task_balances_as_configured(balance, tiny_student, tiny_te
 
     tok = load_tokenizer(str(tiny_student))
     cfg = HealConfig(steps=1, teacher=str(tiny_teacher), loss="alm", seq_len=48, batch_size=2, device="cpu",
-                     teacher_balance=balance)
+                     teacher_on="every", teacher_balance=balance)
     task = heal_teacher_task(str(tiny_teacher), tok, [(tiny_text / "train.txt").read_text(encoding="utf-8")], cfg)
     assert task.cfg.loss.rescale_by == balance
     student = load_model(str(tiny_student))
@@ -89,7 +89,7 @@ def test_heal_teacher_dtype_follows_autocast_and_a_bf16_teacher_teaches_the_same
     kd, dtypes = {}, {}
     for autocast in ("off", "bf16"):
         cfg = HealConfig(steps=1, teacher=str(tiny_teacher), loss="alm", seq_len=48, batch_size=2, device="cpu",
-                         autocast=autocast, teacher_balance="value")
+                         teacher_on="every", autocast=autocast, teacher_balance="value")
         task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
         dtypes[autocast] = next(task.teacher.model.parameters()).dtype
         student = load_model(str(tiny_student))
@@ -119,7 +119,8 @@ def test_early_teacher_runs_in_the_first_fraction_of_a_step_budget_then_plain_ce
     tok = load_tokenizer(str(tiny_student))
     texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")]
     cfg = HealConfig(steps=4, params="all", teacher=str(tiny_teacher), loss="alm", seq_len=48, batch_size=2, warmup=0,
-                     device="cpu", teacher_balance="value", teacher_fraction=0.5, teacher_decay=decay)
+                     teacher_on="every", device="cpu", teacher_balance="value", teacher_fraction=0.5,
+                     teacher_decay=decay)
     task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
     student = load_model(str(tiny_student))
     calls: list[str] = []
@@ -250,7 +251,8 @@ def test_teacher_on_repeats_teaches_only_steps_whose_blocks_were_all_read_before
                                                                                  tiny_text, tmp_path):
     """``teacher_on="repeats"``: the teacher's model runs (and its term weighs 1) at exactly the steps a brute-force
     redraw of the block order marks as repeats; every other step is the student's CE alone. A run stopped after
-    3 steps (its last state) and resumed rebuilds which blocks it read: its steps and weights are those of the straight run."""
+    3 steps (its last state) and resumed rebuilds which blocks it read: its steps and weights are those of the
+    straight run."""
     from distill.teaching import heal_teacher_task
     from distill.trainer import heal
     from surgery.loading import load_model, load_tokenizer
@@ -285,12 +287,12 @@ def test_teacher_on_repeats_teaches_only_steps_whose_blocks_were_all_read_before
     assert np.array_equal(resumed_task.seen, task.seen)
 
 
-def test_heal_config_teacher_on_needs_a_teacher():
+def test_heal_config_defaults_to_the_base_model_teaching_repeated_blocks():
     from surgery.errors import ConfigError
     from surgery.transplant.config import HealConfig
 
-    assert HealConfig(steps=1, teacher="auto", teacher_on="repeats").teacher_on == "repeats"
-    with pytest.raises(ConfigError, match="need a teacher"):
-        HealConfig(steps=1, teacher="none", teacher_on="repeats")
+    cfg = HealConfig(steps=1)
+    assert (cfg.teacher, cfg.loss, cfg.teacher_on) == ("auto", "alm", "repeats")
+    assert HealConfig(steps=1, teacher="none").teacher == "none"  # teacher_on is moot without a teacher
     with pytest.raises(ConfigError, match="teacher_on"):
         HealConfig.from_dict({"steps": 1, "teacher": "auto", "teacher_on": "sometimes"})
