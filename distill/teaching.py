@@ -66,6 +66,9 @@ def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtyp
     Returns:
         ``(teacher, student_vocab, loss_config)``: a :class:`distill.teachers.Teacher`, the student's canonical
         vocabulary and the :class:`distill.losses.LossConfig` used.
+
+    Raises:
+        SurgeryError: the teacher's weights do not fit in the device's memory.
     """
     from distill.losses import LossConfig, build_context, make_loss
     from distill.teachers import Teacher
@@ -77,7 +80,14 @@ def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtyp
     tok = load_tokenizer(name)
     t_vocab = canonical_vocabulary(tok, name)
     ctx = build_context(loss_name, s_vocab, t_vocab, device, hkl_threshold=lc.hkl_threshold, project=lc.project)
-    model = load_model(name, dtype=dtype or torch.float32, device=device)
+    try:
+        model = load_model(name, dtype=dtype or torch.float32, device=device)
+    except torch.OutOfMemoryError as e:
+        from surgery.errors import SurgeryError
+
+        raise SurgeryError(f"the teacher {name} does not fit in {device} memory beside the student ({e})",
+                           "heal with --teacher none (CE alone, the memory of one model), or load the teacher in "
+                           "bfloat16 (--teacher-dtype bfloat16)") from e
     model.eval()
     model.requires_grad_(False)
     LOG.info("heal teacher: %s (%d tokens, loss %s)", name, len(t_vocab), loss_name)

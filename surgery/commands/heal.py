@@ -9,7 +9,9 @@ HELP = "train a transplanted model's new embedding/head rows (or head, LoRA, all
 DESCRIPTION = (
     "Train the rows that `surgery transplant` initialized (copied rows stay frozen bit for bit; the list is in "
     "MODEL/transplant_rows.json) with next-token loss on --text files, for --steps N or --minutes M, on the GPU "
-    "when there is one. --params says what is trained: new-rows (default), head (their head rows only), lora "
+    "when there is one. The transplant's base model (MODEL/transplant_report.json) teaches the steps that read "
+    "their blocks again (--teacher auto --teacher-on repeats; --teacher none: next-token loss alone, the memory of "
+    "one model). --params says what is trained: new-rows (default), head (their head rows only), lora "
     "(new rows + LoRA adapters on the body, merged at the end) or all (every parameter). Settings come from "
     "--config recipes/heal_*.yaml and the flags below (a flag wins over the YAML; --help-config lists every key). "
     "A resumable state is written every --checkpoint-every steps next to OUT; --resume continues it. Writes a new "

@@ -296,3 +296,18 @@ def test_heal_config_defaults_to_the_base_model_teaching_repeated_blocks():
     assert HealConfig(steps=1, teacher="none").teacher == "none"  # teacher_on is moot without a teacher
     with pytest.raises(ConfigError, match="teacher_on"):
         HealConfig.from_dict({"steps": 1, "teacher": "auto", "teacher_on": "sometimes"})
+
+
+def test_a_teacher_that_does_not_fit_in_memory_is_a_clear_error(tiny_student, tiny_teacher, monkeypatch):
+    """The default heal loads the base model beside the student; torch's out-of-memory error while loading it becomes
+    one line naming the teacher and the way out (``--teacher none``)."""
+    import surgery.loading
+    from surgery.loading import load_tokenizer
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(surgery.loading, "load_model", no_memory)
+    with pytest.raises(SurgeryError, match="does not fit") as e:
+        load_heal_teacher(str(tiny_teacher), load_tokenizer(str(tiny_student)), "alm", torch.device("cpu"))
+    assert "--teacher none" in e.value.hint
