@@ -213,6 +213,10 @@ def _summary(cfg, step: int, seconds: float, n_tokens: int, metrics: list[dict],
             "step_s_median": round(float(np.median([m["step_s"] for m in train])), 3) if train else None,
             "loss_first": round(train[0]["loss"], 5) if train else None,
             "loss_last10": round(float(np.mean([m["loss"] for m in train[-10:]])), 5) if train else None,
+            # the student's next-token CE alone (a teacher's balanced term makes ``loss`` a different scale)
+            "ce_first": round(train[0]["ce"], 5) if train and "ce" in train[0] else None,
+            "ce_last10": round(float(np.mean([m["ce"] for m in train[-10:]])), 5)
+            if train and all("ce" in m for m in train[-10:]) else None,
             "rows_trained": policy.rows.rows_trained if policy.rows is not None else 0,
             "teacher_steps": sum(1 for m in train if m.get("teacher_weight", 0) > 0)
             if any("teacher_weight" in m for m in train) else None,

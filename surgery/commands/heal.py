@@ -87,13 +87,16 @@ def run(args) -> int:
     if s.get("bits_per_byte_before") is not None:
         bpb = f" Bits/byte on {args.eval_text}: {s['bits_per_byte_before']:.4f} → {s['bits_per_byte_after']:.4f}."
     if s.get("teacher_steps") is not None:
-        hits = s.get("teacher_memo_hits")
-        which = " (those that re-read blocks; the rest read new text: CE alone)" if cfg.teacher_on == "repeats" else ""
-        bpb += (f" Teacher {s.get('teacher')} taught {s['teacher_steps']} steps{which}"
-                + (f" ({hits} of them from its kept log-probs, no teacher pass)." if hits else "."))
+        hits, taught = s.get("teacher_memo_hits"), s["teacher_steps"]
+        kept = f" ({hits} of them from its kept log-probs, no teacher pass)" if hits else ""
+        if cfg.teacher_on == "repeats":
+            bpb += (f" Teacher {s.get('teacher')} taught the {taught} steps that re-read their blocks{kept}; the other "
+                    f"{s['steps'] - taught} read new text (CE alone).")
+        else:
+            bpb += f" Teacher {s.get('teacher')} taught {taught} steps{kept}."
     print(f"Healed {args.model} for {s['steps']} steps ({s['seconds']} s on {s['device']}, "
-          f"{s['tokens_seen']} tokens, params {cfg.params}{'' if cfg.params == 'all' else f' ({cfg.train_rows} rows)'}): loss "
-          f"{s['loss_first']} → {s['loss_last10']} (mean of the last 10 steps).{bpb} Wrote {args.out} "
+          f"{s['tokens_seen']} tokens, params {cfg.params}{'' if cfg.params == 'all' else f' ({cfg.train_rows} rows)'}): "
+          f"next-token loss {s['ce_first']} → {s['ce_last10']} (mean of the last 10 steps).{bpb} Wrote {args.out} "
           f"(heal_metrics.jsonl, heal_summary.json).")
     return 0
 

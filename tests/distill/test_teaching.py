@@ -233,8 +233,14 @@ def test_cli_heal_with_a_teacher_on_a_small_corpus_reuses_the_teachers_log_probs
     n_blocks = len(token_blocks([small], load_tokenizer(str(tiny_student)), 47))
     taught = 6 if teacher_on == "every" else sum(_repeat_steps(n_blocks, 2, 6))
     assert rc == 0 and s["teacher_steps"] == taught and 1 <= s["teacher_memo_hits"] < taught
-    which = " (those that re-read blocks; the rest read new text: CE alone)" if teacher_on == "repeats" else ""
-    assert f"taught {taught} steps{which} ({s['teacher_memo_hits']} of them from its kept log-probs" in printed
+    kept = f"({s['teacher_memo_hits']} of them from its kept log-probs, no teacher pass)"
+    if teacher_on == "repeats":
+        assert f"taught the {taught} steps that re-read their blocks {kept}; the other {6 - taught} read new" in printed
+    else:
+        assert f"taught {taught} steps {kept}." in printed
+    train = [json.loads(l) for l in (out / "heal_metrics.jsonl").read_text().splitlines()]
+    train = [m for m in train if m.get("event") == "train"]
+    assert s["ce_first"] == round(train[0]["ce"], 5) and f"next-token loss {s['ce_first']} → {s['ce_last10']}" in printed
 
 
 def _repeat_steps(n_blocks: int, batch_size: int, steps: int, seed: int = 0) -> list[bool]:
