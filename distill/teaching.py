@@ -153,21 +153,24 @@ class TeacherTask(BlocksTask):
             raise ValueError(f"teacher_on must be every or repeats, got {teacher_on!r}")
         self.teacher_on = teacher_on
         self.seen = np.zeros(len(self.blocks), dtype=bool)  # (n_blocks,) drawn at least once so far
-        self.weight = 1.0  # the teacher's weight in the current step (0: CE alone)
-        self._scheduled = 1.0  # the weight teacher_weight gives this step
+        self.scheduled = 1.0  # the weight teacher_weight gives the current step
+        self.repeat = True  # every block of the current step's batch was drawn at an earlier step
+
+    @property
+    def weight(self) -> float:
+        """The teacher's weight in the current step (0: CE alone)."""
+        return self.scheduled if self.teacher_on == "every" or self.repeat else 0.0
 
     def set_budget_fraction(self, spent: float) -> None:
         """Called by the loop before each step: ``spent`` of the budget is spent (sets the teacher's weight)."""
-        self._scheduled = self.weight = teacher_weight(spent, self.teacher_fraction, self.teacher_decay)
+        self.scheduled = teacher_weight(spent, self.teacher_fraction, self.teacher_decay)
 
     def micro_batches(self, step: int) -> list:
-        """The plain heal's batch; with ``teacher_on="repeats"`` the teacher's weight drops to 0 for this step
-        unless every block of the batch was drawn before."""
+        """The plain heal's batch; notes whether every block of it was drawn before (:attr:`repeat`)."""
         out = super().micro_batches(step)
         ids = np.asarray([i for _, idx in out for i in idx], dtype=np.int64)
-        repeat = bool(self.seen[ids].all())
+        self.repeat = bool(self.seen[ids].all())
         self.seen[ids] = True
-        self.weight = self._scheduled if self.teacher_on == "every" or repeat else 0.0
         return out
 
     def replay(self, steps: int) -> None:
