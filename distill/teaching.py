@@ -7,7 +7,8 @@ are aligned, :func:`distill.trainer.distill_task.micro_loss` adds the student's 
 whatever parameter policy the heal uses (new rows, head, LoRA, all).
 
 - :func:`resolve_teacher` — ``auto`` | ``none`` | a model: which teacher a heal of ``model_path`` gets;
-- :func:`load_heal_teacher` — the teacher model, its tokenizer and vocabulary, and its loss;
+- :func:`heal_teacher` — the teacher's tokenizer, vocabulary and loss (no weights); :func:`load_teacher_weights`
+  its model; :func:`load_heal_teacher` both;
 - :class:`TeacherTask` — the loop's view of a heal with a teacher: the plain heal's random token blocks
   (:class:`distill.trainer.heal_run.BlocksTask`, resumable through its generator) with the teacher's term added;
 - :func:`teacher_weight` — the teacher's weight along the budget: on for its first ``teacher_fraction`` (constant
@@ -15,6 +16,10 @@ whatever parameter policy the heal uses (new rows, head, LoRA, all).
 - ``teacher_on="repeats"`` — the teacher teaches only steps whose blocks were all read before: a block's first
   reading is CE alone (fresh text teaches the student as much as the teacher does, at no extra cost), its later
   readings, where CE alone starts to overfit, get the teacher.
+- the teacher's weights load at the first step it teaches (:meth:`TeacherTask.micro_batches`): a heal that
+  reads its corpus once never loads them (neither their memory nor their load time); :func:`heal_teacher_task`
+  checks before the first step that they fit in the memory free beside the student, and a load that still fails
+  stops the heal with its state saved at the step before (:class:`distill.trainer.heal_run.StopBeforeStep`).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distill.trainer.heal_run import BlocksTask
+from distill.trainer.heal_run import BlocksTask, StopBeforeStep
+from surgery.errors import SurgeryError
 
 LOG = logging.getLogger(__name__)
 
@@ -43,8 +50,6 @@ def resolve_teacher(spec: str, model_path: str | Path) -> str | None:
     Raises:
         SurgeryError: ``auto`` on a folder without a transplant report naming its base model.
     """
-    from surgery.errors import SurgeryError
-
     if spec == "none":
         return None
     if spec != "auto":
@@ -60,19 +65,17 @@ def resolve_teacher(spec: str, model_path: str | Path) -> str | None:
     return str(base)
 
 
-def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtype=None, **loss_params):
-    """A frozen teacher with its own tokenizer and the loss ``loss_name`` through the core's projection.
+def heal_teacher(name: str, student_tokenizer, loss_name: str, device, **loss_params):
+    """A teacher without its weights: its own tokenizer and vocabulary, and the loss ``loss_name`` through the
+    core's projection (:func:`load_teacher_weights` loads the model).
 
     Returns:
-        ``(teacher, student_vocab, loss_config)``: a :class:`distill.teachers.Teacher`, the student's canonical
-        vocabulary and the :class:`distill.losses.LossConfig` used.
-
-    Raises:
-        SurgeryError: the teacher's weights do not fit in the device's memory.
+        ``(teacher, student_vocab, loss_config)``: a :class:`distill.teachers.Teacher` with ``model=None``, the
+        student's canonical vocabulary and the :class:`distill.losses.LossConfig` used.
     """
     from distill.losses import LossConfig, build_context, make_loss
     from distill.teachers import Teacher
-    from surgery.loading import load_model, load_tokenizer
+    from surgery.loading import load_tokenizer
     from surgery.vocab.surfaces import canonical_vocabulary
 
     lc = LossConfig(name=loss_name, **loss_params)
@@ -80,18 +83,57 @@ def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtyp
     tok = load_tokenizer(name)
     t_vocab = canonical_vocabulary(tok, name)
     ctx = build_context(loss_name, s_vocab, t_vocab, device, hkl_threshold=lc.hkl_threshold, project=lc.project)
+    return Teacher(0, name, tok, t_vocab, make_loss(loss_name, lc, ctx), 1.0, None), s_vocab, lc
+
+
+def load_teacher_weights(name: str, device, dtype=None) -> torch.nn.Module:
+    """The teacher's model, frozen, in ``dtype`` (float32 by default) on ``device``.
+
+    Raises:
+        SurgeryError: the weights do not fit in the device's memory (or cannot be loaded).
+    """
+    from surgery.loading import load_model
+
     try:
         model = load_model(name, dtype=dtype or torch.float32, device=device)
     except torch.OutOfMemoryError as e:
-        from surgery.errors import SurgeryError
-
         raise SurgeryError(f"the teacher {name} does not fit in {device} memory beside the student ({e})",
                            "heal with --teacher none (CE alone, the memory of one model), or load the teacher in "
                            "bfloat16 (--teacher-dtype bfloat16)") from e
     model.eval()
     model.requires_grad_(False)
-    LOG.info("heal teacher: %s (%d tokens, loss %s)", name, len(t_vocab), loss_name)
-    return Teacher(0, name, tok, t_vocab, make_loss(loss_name, lc, ctx), 1.0, model), s_vocab, lc
+    return model
+
+
+def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtype=None, **loss_params):
+    """:func:`heal_teacher` with its model loaded (:func:`load_teacher_weights`); same return value."""
+    teacher, s_vocab, lc = heal_teacher(name, student_tokenizer, loss_name, device, **loss_params)
+    teacher.model = load_teacher_weights(name, device, dtype)
+    LOG.info("heal teacher: %s (%d tokens, loss %s)", name, len(teacher.vocab), loss_name)
+    return teacher, s_vocab, lc
+
+
+def check_teacher_fits(name: str, dtype: torch.dtype, device, beside: int = 0) -> None:
+    """Refuse a teacher whose weights (at ``dtype``) exceed the memory free on ``device`` now, less ``beside``
+    bytes still to come there (the student, when it is not on the device yet). A necessary condition only (the
+    student's optimizer states and activations come on top); skipped where either size is unknown
+    (:mod:`surgery.memory`).
+
+    Raises:
+        SurgeryError: the weights do not fit.
+    """
+    from surgery.memory import free_memory, size_text, weights_nbytes
+
+    need, free = weights_nbytes(name, dtype), free_memory(device)
+    if need is None or free is None:
+        return
+    free = max(free - beside, 0)
+    if need > free:
+        kind, dt = torch.device(device).type, str(dtype).replace("torch.", "")
+        raise SurgeryError(f"the teacher {name} needs {size_text(need)} of {kind} memory for its weights ({dt}), "
+                           f"more than the {size_text(free)} free beside the student",
+                           "heal with --teacher none (CE alone, the memory of one model), load the teacher in "
+                           "bfloat16 (--teacher-dtype bfloat16), or pass a smaller --teacher")
 
 
 def teacher_weight(spent: float, fraction: float = 1.0, decay: str = "none") -> float:
@@ -125,21 +167,32 @@ class TeacherTask(BlocksTask):
     alone, on one it reads several times the teacher teaches from the second reading on (and, with ``alm``, from
     the third reading on from its kept log-probs).
 
+    The teacher's model is loaded by ``load`` at the first step it teaches (:attr:`loaded_at`), unless ``teacher``
+    comes with one: a heal that never re-reads a block never loads it. If that load fails the step has not begun
+    (its blocks are put back: the data generator and :attr:`seen` are as before it) and the heal stops with its
+    state saved (:class:`distill.trainer.heal_run.StopBeforeStep`).
+
     Args:
         texts: training texts.
         tokenizer / s_vocab: the student's tokenizer and canonical vocabulary.
-        teacher: from :func:`load_heal_teacher`.
+        teacher: from :func:`heal_teacher` (no model yet: ``load`` gives it) or :func:`load_heal_teacher`.
         loss_config: its :class:`~distill.losses.LossConfig`.
         seq_len: student tokens per block (with the start token).
         batch_size: blocks per step.
         teacher_fraction: fraction of the budget, in (0, 1], with the teacher on.
         teacher_decay: ``none`` or ``linear`` (:func:`teacher_weight`).
         teacher_on: ``every`` step of the fraction or ``repeats`` (steps whose blocks were all drawn before).
+        load: returns the teacher's model (e.g. :func:`load_teacher_weights`); needed when ``teacher.model`` is None.
     """
 
     def __init__(self, texts, tokenizer, s_vocab, teacher, loss_config, seq_len: int, batch_size: int, seed: int,
-                 device, teacher_fraction: float = 1.0, teacher_decay: str = "none", teacher_on: str = "every"):
+                 device, teacher_fraction: float = 1.0, teacher_decay: str = "none", teacher_on: str = "every",
+                 load=None):
         super().__init__(texts, tokenizer, s_vocab, seq_len, batch_size, seed, device)
+        if teacher.model is None and teacher.cache is None and load is None:
+            raise ValueError("a teacher without its model needs load=")
+        self.load = load
+        self.loaded_at: int | None = None  # the step at which load ran (None: not run)
         from distill.teachers import TargetMemo
         from distill.trainer.distill_task import reads_student
 
@@ -166,12 +219,51 @@ class TeacherTask(BlocksTask):
         self.scheduled = teacher_weight(spent, self.teacher_fraction, self.teacher_decay)
 
     def micro_batches(self, step: int) -> list:
-        """The plain heal's batch; notes whether every block of it was drawn before (:attr:`repeat`)."""
+        """The plain heal's batch; notes whether every block of it was drawn before (:attr:`repeat`) and loads the
+        teacher's model if this is the first step it teaches.
+
+        Raises:
+            StopBeforeStep: the load failed (nothing of this step was drawn).
+        """
+        rng = self.gen.get_state()
         out = super().micro_batches(step)
         ids = np.asarray([i for _, idx in out for i in idx], dtype=np.int64)
-        self.repeat = bool(self.seen[ids].all())
+        before = self.seen[ids].copy()
+        self.repeat = bool(before.all())
         self.seen[ids] = True
+        if self.weight > 0 and self.teacher.model is None and self.teacher.cache is None:
+            try:
+                self.teacher_model(step)
+            except SurgeryError as e:
+                self.gen.set_state(rng)
+                self.seen[ids] = before
+                raise StopBeforeStep(f"{e.message} (loading it for step {step + 1}, the first it teaches)", e.hint,
+                                     step) from e
         return out
+
+    def teacher_model(self, step: int = 0) -> torch.nn.Module:
+        """The teacher's model, loaded now if it was not yet (at ``step``, recorded in :attr:`loaded_at`)."""
+        if self.teacher.model is None:
+            t0 = time.time()
+            self.teacher.model = self.load()
+            self.loaded_at = step
+            LOG.info("heal teacher %s loaded at step %d (%.1f s)", self.teacher.name, step + 1, time.time() - t0)
+        return self.teacher.model
+
+    def first_taught_step(self, steps: int) -> int | None:
+        """The first of ``steps`` steps from the start that the teacher teaches, from a redraw of the block order
+        (the weight schedule of a step budget: :func:`teacher_weight` at ``step / steps``); None if it teaches
+        none of them."""
+        if self.teacher_on == "every":
+            return 0 if teacher_weight(0.0, self.teacher_fraction, self.teacher_decay) > 0 else None
+        gen = torch.Generator().manual_seed(self.seed)
+        seen = np.zeros(len(self.blocks), dtype=bool)
+        for step in range(steps):
+            ids = self.draw(gen)
+            if seen[ids].all() and teacher_weight(step / steps, self.teacher_fraction, self.teacher_decay) > 0:
+                return step
+            seen[ids] = True
+        return None
 
     def replay(self, steps: int) -> None:
         """Rebuild :attr:`seen` after a resume at ``steps``: redraw that many batches from the seed (the loop
@@ -186,7 +278,8 @@ class TeacherTask(BlocksTask):
         return [] if self.weight == 0 else [dataclasses.replace(self.teacher, weight=self.weight)]
 
     def step_metrics(self) -> dict:
-        out = {"tokens": self.tokens, "teacher_weight": round(self.weight, 6)}
+        out = {"tokens": self.tokens, "teacher_weight": round(self.weight, 6),
+               "teacher_loaded": self.teacher.model is not None or self.teacher.cache is not None}
         if self.teacher.memo is not None:
             out["teacher_memo_hits"] = self.teacher.memo.hits  # batches served without a teacher pass, so far
         return out
@@ -202,13 +295,34 @@ def teacher_dtype(name: str, autocast: str, device: torch.device) -> torch.dtype
     return getattr(torch, name)
 
 
-def heal_teacher_task(teacher_name: str, tokenizer, texts, config) -> TeacherTask:
+def heal_teacher_task(teacher_name: str, tokenizer, texts, config,
+                      student: torch.nn.Module | None = None) -> TeacherTask:
     """The :class:`TeacherTask` of a heal (``config``: a :class:`surgery.transplant.config.HealConfig` with
     ``loss``, ``teacher_balance``, ``seq_len``, ``batch_size``, ``seed``, ``device``, ``teacher_fraction``,
-    ``teacher_decay``, ``teacher_on``)."""
+    ``teacher_decay``, ``teacher_on``, ``teacher_dtype``).
+
+    The teacher's tokenizer and loss are built now, its weights at the first step it teaches. Unless a step budget
+    is known to teach no step (:meth:`TeacherTask.first_taught_step`), its weights are checked to fit in the memory
+    free on the device beside ``student`` (:func:`check_teacher_fits`), so that a teacher too large for the machine
+    is refused before the first step.
+
+    Raises:
+        SurgeryError: the teacher's tokenizer cannot be loaded, or its weights do not fit.
+    """
+    from surgery.memory import module_nbytes
+
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher, s_vocab, lc = load_heal_teacher(teacher_name, tokenizer, config.loss, device,
-                                             dtype=teacher_dtype(config.teacher_dtype, config.autocast, device),
-                                             rescale_by=config.teacher_balance)
-    return TeacherTask(texts, tokenizer, s_vocab, teacher, lc, config.seq_len, config.batch_size, config.seed, device,
-                       config.teacher_fraction, config.teacher_decay, config.teacher_on)
+    dtype = teacher_dtype(config.teacher_dtype, config.autocast, device)
+    teacher, s_vocab, lc = heal_teacher(teacher_name, tokenizer, config.loss, device,
+                                        rescale_by=config.teacher_balance)
+    task = TeacherTask(texts, tokenizer, s_vocab, teacher, lc, config.seq_len, config.batch_size, config.seed, device,
+                       config.teacher_fraction, config.teacher_decay, config.teacher_on,
+                       load=lambda: load_teacher_weights(teacher_name, device, dtype))
+    if config.steps is not None and task.first_taught_step(config.steps) is None:
+        LOG.info("heal teacher %s: none of the %d steps re-reads its blocks; its weights will not be loaded",
+                 teacher_name, config.steps)
+    else:
+        check_teacher_fits(teacher_name, dtype, device, module_nbytes(student, device) if student is not None else 0)
+        LOG.info("heal teacher: %s (%d tokens, loss %s, %s; loaded at the first step it teaches)", teacher_name,
+                 len(teacher.vocab), config.loss, str(dtype).replace("torch.", ""))
+    return task

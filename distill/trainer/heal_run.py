@@ -28,6 +28,15 @@ from surgery.errors import SurgeryError
 LOG = logging.getLogger(__name__)
 
 
+class StopBeforeStep(SurgeryError):
+    """A task cannot begin step ``step`` (``step`` steps are done, nothing of the next one ran or was drawn):
+    :func:`heal` saves its state at ``step`` and stops with this message, telling how to resume."""
+
+    def __init__(self, message: str, hint: str | None, step: int):
+        super().__init__(message, hint)
+        self.step = step
+
+
 class BlocksTask:
     """The loop's view of a heal: random token blocks of the training text, the student's next-token CE.
 
@@ -151,7 +160,8 @@ def heal(model, tokenizer, texts: list[str], config, state_dir: str | Path | Non
 
     Raises:
         SurgeryError: no list of copied rows where one is needed, too little text, nothing to resume,
-            a non-finite loss (the last checkpoint is kept).
+            a non-finite loss (the last checkpoint is kept), a task that cannot begin a step
+            (:class:`StopBeforeStep`: the state at that step is saved).
     """
     from surgery.evaluate import bits_per_byte
 
@@ -195,6 +205,12 @@ def heal(model, tokenizer, texts: list[str], config, state_dir: str | Path | Non
     try:
         step, secs = fit(policy.model, task, policy, spec, env, step, elapsed, log=metrics.append,
                          evaluate=evaluate, checkpoint=checkpoint, autocast=autocast)
+    except StopBeforeStep as e:
+        if sdir is None:
+            raise
+        checkpoint(e.step, time.time() - t0)
+        raise SurgeryError(f"{e.message}; the heal stopped after {e.step} steps and saved its state in {sdir}",
+                           f"{e.hint}; continue it with the same command plus --resume") from e
     finally:
         model = policy.finish(policy.model, merge=True)
     model.eval()

@@ -10,8 +10,9 @@ DESCRIPTION = (
     "Train the rows that `surgery transplant` initialized (copied rows stay frozen bit for bit; the list is in "
     "MODEL/transplant_rows.json) with next-token loss on --text files, for --steps N or --minutes M, on the GPU "
     "when there is one. The transplant's base model (MODEL/transplant_report.json) teaches the steps that read "
-    "their blocks again (--teacher auto --teacher-on repeats; --teacher none: next-token loss alone, the memory of "
-    "one model). --params says what is trained: new-rows (default), head (their head rows only), lora "
+    "their blocks again (--teacher auto --teacher-on repeats; its weights load at the first such step, after a "
+    "check at the start that they fit; --teacher none: next-token loss alone, the memory of one model). "
+    "--params says what is trained: new-rows (default), head (their head rows only), lora "
     "(new rows + LoRA adapters on the body, merged at the end) or all (every parameter). Settings come from "
     "--config recipes/heal_*.yaml and the flags below (a flag wins over the YAML; --help-config lists every key). "
     "A resumable state is written every --checkpoint-every steps next to OUT; --resume continues it. Writes a new "
@@ -89,7 +90,10 @@ def run(args) -> int:
     if s.get("teacher_steps") is not None:
         hits, taught = s.get("teacher_memo_hits"), s["teacher_steps"]
         kept = f" ({hits} of them from its kept log-probs, no teacher pass)" if hits else ""
-        if cfg.teacher_on == "repeats":
+        if cfg.teacher_on == "repeats" and not taught:
+            bpb += (f" Teacher {s.get('teacher')} taught no step: none re-read its blocks (CE alone; its weights were "
+                    f"never loaded).")
+        elif cfg.teacher_on == "repeats":
             bpb += (f" Teacher {s.get('teacher')} taught the {taught} steps that re-read their blocks{kept}; the other "
                     f"{s['steps'] - taught} read new text (CE alone).")
         else:
@@ -140,7 +144,7 @@ def heal_checkpoint(model_path: str, text_paths: list[str], out: str, config, ov
     tok = load_tokenizer(model_path)  # a missing or broken MODEL is reported as such first
     teacher = resolve_teacher(config.teacher, src)  # before any model is loaded
     model = load_model(model_path, dtype=dtype or torch.float32)
-    task = heal_teacher_task(teacher, tok, texts, config) if teacher else None
+    task = heal_teacher_task(teacher, tok, texts, config, student=model) if teacher else None
     sdir = state_dir_for(out)
     if not resume and sdir.exists():
         shutil.rmtree(sdir, ignore_errors=True)
@@ -148,6 +152,8 @@ def heal_checkpoint(model_path: str, text_paths: list[str], out: str, config, ov
                                             sdir)
     model, summary, metrics = heal(model, tok, texts, config, sdir, copied, resume, eval_text, progress, task=task)
     summary["teacher"] = teacher
+    if task is not None:  # the step (from 1) whose teaching loaded the teacher's weights; None: never loaded
+        summary["teacher_loaded_at_step"] = None if task.loaded_at is None else task.loaded_at + 1
     summary["base_model"] = str(model_path)
     summary["texts"] = [str(p) for p in text_paths]
     extra = {"heal_metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics),

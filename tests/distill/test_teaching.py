@@ -91,7 +91,7 @@ def test_heal_teacher_dtype_follows_autocast_and_a_bf16_teacher_teaches_the_same
         cfg = HealConfig(steps=1, teacher=str(tiny_teacher), loss="alm", seq_len=48, batch_size=2, device="cpu",
                          teacher_on="every", autocast=autocast, teacher_balance="value")
         task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
-        dtypes[autocast] = next(task.teacher.model.parameters()).dtype
+        dtypes[autocast] = next(task.teacher_model().parameters()).dtype
         student = load_model(str(tiny_student))
         (batch,) = task.micro_batches(0)
         with torch.no_grad():
@@ -101,7 +101,7 @@ def test_heal_teacher_dtype_follows_autocast_and_a_bf16_teacher_teaches_the_same
     assert kd["bf16"] == pytest.approx(kd["off"], rel=0.05) and kd["bf16"] != kd["off"]
     cfg = HealConfig(steps=1, teacher=str(tiny_teacher), autocast="bf16", teacher_dtype="float32", device="cpu")
     task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
-    assert next(task.teacher.model.parameters()).dtype == torch.float32  # an explicit dtype wins
+    assert next(task.teacher_model().parameters()).dtype == torch.float32  # an explicit dtype wins
 
 
 @pytest.mark.parametrize("decay", ["none", "linear"])
@@ -125,7 +125,7 @@ def test_early_teacher_runs_in_the_first_fraction_of_a_step_budget_then_plain_ce
     student = load_model(str(tiny_student))
     calls: list[str] = []
     student.register_forward_hook(lambda *_: calls.append("s"))
-    task.teacher.model.register_forward_hook(lambda *_: calls.append("t"))
+    task.teacher_model().register_forward_hook(lambda *_: calls.append("t"))
     student, summary, metrics = heal(student, tok, texts, cfg, progress=False, task=task)
     assert "".join(calls) == "ststss" and summary["teacher_steps"] == 2
     train = [m for m in metrics if m["event"] == "train"]
@@ -182,7 +182,7 @@ def test_alm_teacher_runs_once_per_block_and_its_memo_gives_the_live_loss(tiny_s
     assert task.teacher.memo is not None and len(task.blocks) >= 3
     student = load_model(str(tiny_student))
     calls: list[str] = []
-    task.teacher.model.register_forward_hook(lambda *_: calls.append("t"))
+    task.teacher_model().register_forward_hook(lambda *_: calls.append("t"))
     batch = ([task.blocks[0], task.blocks[1]], [0, 1])
     runs = []
     for _ in range(2):
@@ -274,7 +274,7 @@ def test_teacher_on_repeats_teaches_only_steps_whose_blocks_were_all_read_before
     student = load_model(str(tiny_student))
     calls: list[str] = []
     student.register_forward_hook(lambda *_: calls.append("s"))
-    task.teacher.model.register_forward_hook(lambda *_: calls.append("t"))
+    task.teacher_model().register_forward_hook(lambda *_: calls.append("t"))
     _, summary, metrics = heal(student, tok, texts, cfg, tmp_path / "straight", progress=False, task=task)
     train = [m for m in metrics if m["event"] == "train"]
     assert "".join(calls) == "".join("st" if r else "s" for r in want)
@@ -317,3 +317,129 @@ def test_a_teacher_that_does_not_fit_in_memory_is_a_clear_error(tiny_student, ti
     with pytest.raises(SurgeryError, match="does not fit") as e:
         load_heal_teacher(str(tiny_teacher), load_tokenizer(str(tiny_student)), "alm", torch.device("cpu"))
     assert "--teacher none" in e.value.hint
+
+
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_a_heal_that_reads_every_block_once_never_loads_the_teacher_and_is_the_ce_heal(tiny_student, tiny_teacher,
+                                                                                      tiny_text, tmp_path, monkeypatch):
+    """With ``teacher_on="repeats"`` and a budget that re-reads no block (a brute-force redraw finds no repeated
+    step) the teacher's weights are never loaded, and the healed weights are bit for bit those of ``--teacher
+    none``."""
+    import distill.teaching as teaching
+    from distill.data import token_blocks
+    from surgery.commands.heal import heal_checkpoint
+    from surgery.loading import load_tokenizer
+    from surgery.transplant.config import HealConfig
+
+    loads = []
+    real = teaching.load_teacher_weights
+    monkeypatch.setattr(teaching, "load_teacher_weights", lambda *a, **k: loads.append(a) or real(*a, **k))
+    text = tiny_text / "train.txt"
+    n_blocks = len(token_blocks([text.read_text(encoding="utf-8")], load_tokenizer(str(tiny_student)), 47))
+    assert not any(_repeat_steps(n_blocks, 2, 3))
+    summaries = {}
+    for name, teacher in (("taught", str(tiny_teacher)), ("ce", "none")):
+        cfg = HealConfig(steps=3, params="all", teacher=teacher, seq_len=48, batch_size=2, warmup=0, device="cpu")
+        summaries[name] = heal_checkpoint(str(tiny_student), [str(text)], str(tmp_path / name), cfg, progress=False)
+    s = summaries["taught"]
+    assert loads == [] and s["teacher_steps"] == 0 and s["teacher_loaded_at_step"] is None
+    taught, ce = _weights(tmp_path / "taught"), _weights(tmp_path / "ce")
+    assert taught.keys() == ce.keys() and all(torch.equal(taught[k], ce[k]) for k in ce)
+
+
+def test_the_teachers_weights_load_at_the_first_step_it_teaches(tiny_student, tiny_teacher, tiny_text, tmp_path):
+    """On a small corpus the weights load once, just before the first step a brute-force redraw of the block order
+    marks as a repeat (after that many student forward passes); a shorter step budget has no taught step."""
+    from distill.teaching import heal_teacher_task
+    from distill.trainer import heal
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.transplant.config import HealConfig
+
+    tok = load_tokenizer(str(tiny_student))
+    texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")[:600]]
+    cfg = HealConfig(steps=8, params="all", teacher=str(tiny_teacher), loss="alm", seq_len=48, batch_size=2,
+                     warmup=0, device="cpu")
+    task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
+    want = _repeat_steps(len(task.blocks), 2, 8)
+    k = want.index(True)
+    assert k >= 1 and task.first_taught_step(8) == k and task.first_taught_step(k) is None
+    assert task.teacher.model is None
+    student = load_model(str(tiny_student))
+    forwards, loaded = [], []
+    student.register_forward_hook(lambda *_: forwards.append(1))
+    real = task.load
+    task.load = lambda: loaded.append(len(forwards)) or real()
+    _, summary, metrics = heal(student, tok, texts, cfg, tmp_path / "state", progress=False, task=task)
+    train = [m for m in metrics if m["event"] == "train"]
+    assert loaded == [k] and task.loaded_at == k and summary["teacher_steps"] == sum(want)
+    assert [m["teacher_loaded"] for m in train] == [i >= k for i in range(8)]
+
+
+def test_a_teacher_that_fails_to_load_mid_heal_stops_with_the_state_saved_and_resumes_without_it(
+        tiny_student, tiny_teacher, tiny_text, tmp_path, monkeypatch, capsys):
+    """The teacher's load runs out of memory at its first taught step ``k``: from the CLI, exit code 2, one line
+    saying so and how to go on, no output folder, the heal state of ``k`` steps saved. Resumed with
+    ``--teacher none`` the heal ends bit for bit where a straight CE heal does (nothing of step ``k+1`` was drawn or
+    applied before the stop)."""
+    import surgery.loading
+    from distill.data import token_blocks
+    from surgery.cli import main
+    from surgery.commands.heal import state_dir_for
+
+    text = tmp_path / "small.txt"
+    small = (tiny_text / "train.txt").read_text(encoding="utf-8")[:600]
+    text.write_text(small, encoding="utf-8")
+    n_blocks = len(token_blocks([small], surgery.loading.load_tokenizer(str(tiny_student)), 47))
+    k = _repeat_steps(n_blocks, 2, 8).index(True)
+    real = surgery.loading.load_model
+
+    def no_room(name, *a, **kw):
+        if str(name) == str(tiny_teacher):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(surgery.loading, "load_model", no_room)
+    args = [str(tiny_student), "--text", str(text), "--steps", "8", "--seq-len", "48", "--batch-size", "2",
+            "--warmup", "0", "--device", "cpu", "--params", "all"]
+    out = tmp_path / "healed"
+    assert main(["heal", *args, "--out", str(out), "--teacher", str(tiny_teacher)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and f"for step {k + 1}, the first it teaches" in err
+    assert f"stopped after {k} steps" in err and "--resume" in err and "--teacher none" in err
+    assert not out.exists() and state_dir_for(out).exists()
+    monkeypatch.setattr(surgery.loading, "load_model", real)
+    assert main(["heal", *args, "--out", str(out), "--teacher", "none", "--resume"]) == 0
+    assert main(["heal", *args, "--out", str(tmp_path / "straight"), "--teacher", "none"]) == 0
+    resumed, straight = _weights(out), _weights(tmp_path / "straight")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[n], straight[n]) for n in straight)
+    steps = [json.loads(l)["step"] for l in (out / "heal_metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_a_teacher_larger_than_the_free_memory_is_refused_before_the_first_step(tiny_student, tiny_teacher, tiny_text,
+                                                                                tmp_path, monkeypatch):
+    """A heal whose teacher would teach checks its weights against the memory free beside the student and refuses
+    before any step (no state, no output); a step budget that teaches no step does not need the check."""
+    import surgery.memory
+    from surgery.commands.heal import heal_checkpoint, state_dir_for
+    from surgery.memory import weights_nbytes
+    from surgery.transplant.config import HealConfig
+
+    need = weights_nbytes(str(tiny_teacher), torch.float32)
+    monkeypatch.setattr(surgery.memory, "free_memory", lambda device: need - 1)
+    out = tmp_path / "out"
+    for budget in ({"steps": 8}, {"minutes": 1.0}):
+        cfg = HealConfig(**budget, params="all", teacher=str(tiny_teacher), seq_len=48, batch_size=2, device="cpu",
+                         autocast="off", teacher_on="every")
+        with pytest.raises(SurgeryError, match=r"needs [0-9.]+ MiB of cpu memory for its weights \(float32\), "
+                                               r"more than the [0-9.]+ MiB free beside the student"):
+            heal_checkpoint(str(tiny_student), [str(tiny_text / "train.txt")], str(out), cfg, progress=False)
+        assert not out.exists() and not state_dir_for(out).exists()
+    cfg = HealConfig(steps=3, params="all", teacher=str(tiny_teacher), seq_len=48, batch_size=2, device="cpu")
+    s = heal_checkpoint(str(tiny_student), [str(tiny_text / "train.txt")], str(out), cfg, progress=False)
+    assert s["steps"] == 3 and s["teacher_loaded_at_step"] is None
