@@ -37,7 +37,7 @@ Prints one JSON object per line: the original model per language (``kind: origin
 method × tokenizer × language (``kind: zero_shot``, with the ratio to the original and the
 transplant wall time), then the best method of each pair after a short CPU heal on the shipped
 *train* texts (``kind: healed``). Evaluation is on the shipped *held-out* texts
-(``artifacts/texts/debian-reference.LL.heldout.txt``), the first ``--max-bytes`` bytes, windows of
+(``artifacts/texts/debian-reference.LL.heldout.txt``; ``code.heldout.txt`` for ``--langs code``), the first ``--max-bytes`` bytes, windows of
 1024 tokens with stride ``--stride``.
 """
 
@@ -82,8 +82,13 @@ def ratio(v: float, original: float | None) -> float | None:
     return round(v / original, 4) if original else None
 
 
+def text_path(lang: str, split: str) -> Path:
+    """The shipped text of ``lang`` (a Debian Reference language, or ``code``: Python source) and ``split``."""
+    return TEXTS / (f"code.{split}.txt" if lang == "code" else f"debian-reference.{lang}.{split}.txt")
+
+
 def heldout(lang: str, max_bytes: int) -> str:
-    t = (TEXTS / f"debian-reference.{lang}.heldout.txt").read_text()
+    t = text_path(lang, "heldout").read_text()
     b = t.encode()[:max_bytes]
     return b.decode("utf-8", errors="ignore")
 
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", nargs="+", default=["llama3-tokenizer", "gemma3-270m"], help="new tokenizers")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--omp-k", type=int, default=TransplantConfig.omp_k, help="omp: non-zero coefficients per token")
-    ap.add_argument("--langs", nargs="+", default=["en", "de", "zh", "ja"])
+    ap.add_argument("--langs", nargs="+", default=["en", "de", "zh", "ja"],
+                    help="held-out (and heal) texts: Debian Reference languages (en de zh ja es fr) or code (Python)")
     ap.add_argument("--max-bytes", type=int, default=8000, help="bytes of each held-out text scored")
     ap.add_argument("--skip-original", action="store_true",
                     help="do not score the base model itself (already printed by an earlier run)")
@@ -268,7 +274,7 @@ def main(argv=None) -> int:
                 print(f"--heal-method {best!r} was not run for {pair}; skipping the heal", file=sys.stderr)
                 continue
             src = results[best][1]
-            heal_texts = args.heal_texts or [str(TEXTS / f"debian-reference.{lang}.train.txt") for lang in args.langs]
+            heal_texts = args.heal_texts or [str(text_path(lang, "train")) for lang in args.langs]
             if args.heal_max_chars:
                 heal_texts = cut_texts(heal_texts, args.heal_max_chars, work / "heal-texts")
             cells = ([tuple(c.split(":", 1)) for c in args.heal_cells] if args.heal_cells else
