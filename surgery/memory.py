@@ -8,7 +8,6 @@ not downloaded yet, another OS); callers then skip their check rather than guess
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -24,25 +23,21 @@ def weights_nbytes(name_or_path: str | Path, dtype: torch.dtype | None = None) -
         ``None`` when ``name_or_path`` is not a local checkpoint folder.
 
     Raises:
-        SurgeryError: a local folder whose safetensors files are missing or corrupt.
+        SurgeryError: a local folder whose safetensors files are missing or corrupt, or hold a dtype that cannot be
+            loaded.
     """
-    from surgery.checkpoint import _ST_DTYPES, _read_header, validate_model_folder, weight_files
+    from surgery.checkpoint import CheckpointReader
     from surgery.loading import resolve
+    from surgery.shards import _nbytes
 
     folder = Path(resolve(str(name_or_path))).expanduser()
     if not folder.is_dir():
         return None
-    validate_model_folder(folder)
+    reader = CheckpointReader(folder)  # headers only: validated, every tensor's dtype and shape
     total = 0
-    for f in weight_files(folder):
-        header, _ = _read_header(f)
-        for key, v in header.items():
-            if key == "__metadata__":
-                continue
-            stored = _ST_DTYPES.get(v["dtype"])
-            to = dtype if dtype is not None and stored is not None and stored.is_floating_point else stored
-            size = torch.empty((), dtype=to).element_size() if to is not None else 1
-            total += math.prod(v["shape"]) * size
+    for key in reader.keys:
+        stored = reader.dtype(key)
+        total += _nbytes(dtype if dtype is not None and stored.is_floating_point else stored, reader.shape(key))
     return total
 
 
