@@ -189,7 +189,7 @@ class TeacherTask(BlocksTask):
                  device, teacher_fraction: float = 1.0, teacher_decay: str = "none", teacher_on: str = "every",
                  load=None):
         super().__init__(texts, tokenizer, s_vocab, seq_len, batch_size, seed, device)
-        if teacher.model is None and teacher.cache is None and load is None:
+        if teacher.model is None and load is None:
             raise ValueError("a teacher without its model needs load=")
         self.load = load
         self.loaded_at: int | None = None  # the step at which load ran (None: not run)
@@ -231,7 +231,7 @@ class TeacherTask(BlocksTask):
         before = self.seen[ids].copy()
         self.repeat = bool(before.all())
         self.seen[ids] = True
-        if self.weight > 0 and self.teacher.model is None and self.teacher.cache is None:
+        if self.weight > 0 and self.teacher.model is None:
             try:
                 self.teacher_model(step)
             except SurgeryError as e:
@@ -256,10 +256,8 @@ class TeacherTask(BlocksTask):
         none of them."""
         if self.teacher_on == "every":
             return 0 if teacher_weight(0.0, self.teacher_fraction, self.teacher_decay) > 0 else None
-        gen = torch.Generator().manual_seed(self.seed)
         seen = np.zeros(len(self.blocks), dtype=bool)
-        for step in range(steps):
-            ids = self.draw(gen)
+        for step, ids in enumerate(self.redraw(steps)):
             if seen[ids].all() and teacher_weight(step / steps, self.teacher_fraction, self.teacher_decay) > 0:
                 return step
             seen[ids] = True
@@ -268,10 +266,15 @@ class TeacherTask(BlocksTask):
     def replay(self, steps: int) -> None:
         """Rebuild :attr:`seen` after a resume at ``steps``: redraw that many batches from the seed (the loop
         restores the generator itself)."""
-        gen = torch.Generator().manual_seed(self.seed)
         self.seen[:] = False
+        for ids in self.redraw(steps):
+            self.seen[ids] = True
+
+    def redraw(self, steps: int):
+        """The block ids of the first ``steps`` steps, step by step, drawn again from the seed (the loop's order)."""
+        gen = torch.Generator().manual_seed(self.seed)
         for _ in range(steps):
-            self.seen[self.draw(gen)] = True
+            yield self.draw(gen)
 
     def teachers(self) -> list:
         """The teacher at this step's weight, or none (outside its window, or a first reading with ``repeats``)."""
@@ -279,7 +282,7 @@ class TeacherTask(BlocksTask):
 
     def step_metrics(self) -> dict:
         out = {"tokens": self.tokens, "teacher_weight": round(self.weight, 6),
-               "teacher_loaded": self.teacher.model is not None or self.teacher.cache is not None}
+               "teacher_loaded": self.teacher.model is not None}
         if self.teacher.memo is not None:
             out["teacher_memo_hits"] = self.teacher.memo.hits  # batches served without a teacher pass, so far
         return out
