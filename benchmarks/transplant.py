@@ -151,6 +151,7 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
               "zero_shot_bits_per_byte": round(zero_shot[lang], 4),
               "heal_budget": budget, "heal_steps": s["steps"], "heal_teacher_steps": s.get("teacher_steps"),
               **({"heal_teacher_memo_hits": s["teacher_memo_hits"]} if s.get("teacher_memo_hits") is not None else {}),
+              **({"heal_teacher_blocks": s["teacher_blocks"]} if s.get("teacher_blocks") is not None else {}),
               **({"heal_max_chars": args.heal_max_chars} if args.heal_max_chars else {}),
               "heal_train_tokens": s.get("train_tokens_available"),
               "heal_s": round(time.time() - t3, 1),
@@ -204,8 +205,9 @@ def main(argv=None) -> int:
                     help="teacher cells: the teacher teaches the first F of the budget, then CE alone")
     ap.add_argument("--heal-teacher-decay", default="none", choices=["none", "linear"],
                     help="teacher cells: the teacher's weight over its fraction (linear: 1 down to 0)")
-    ap.add_argument("--heal-teacher-on", default="every", choices=["every", "repeats"],
-                    help="teacher cells: every step, or repeats (only steps whose blocks were all drawn before)")
+    ap.add_argument("--heal-teacher-on", default="every", choices=["every", "repeats", "repeated-blocks"],
+                    help="teacher cells: every step, repeats (only steps whose blocks were all drawn before) or "
+                         "repeated-blocks (in each step, the blocks drawn before)")
     ap.add_argument("--heal-seed", type=int, default=0, help="seed of the heal's block order and LoRA init")
     ap.add_argument("--lock", default=None,
                     help="hold this file's flock during each transplant + evaluation and each heal (lets other jobs "

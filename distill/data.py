@@ -230,6 +230,12 @@ class EncodedBatch:
         return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.ends, self.valid,
                             self.labels.to(device))
 
+    def take(self, rows: np.ndarray) -> "EncodedBatch":
+        """The ``(len(rows), L)`` batch of rows ``rows`` (in that order; the length ``L`` is kept)."""
+        t = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        return EncodedBatch(self.input_ids[t], self.attention_mask[t], self.ends[rows], self.valid[rows],
+                            self.labels[t])
+
 
 def encode_blocks(texts: Sequence[str], tokenizer, vocab, max_tokens: int) -> EncodedBatch:
     """Encode blocks with one tokenizer: start token + text tokens, truncated, padded.

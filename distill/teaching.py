@@ -15,7 +15,9 @@ whatever parameter policy the heal uses (new rows, head, LoRA, all).
   or decaying linearly), then off: CE alone, and the teacher's forward pass is skipped;
 - ``teacher_on="repeats"`` — the teacher teaches only steps whose blocks were all read before: a block's first
   reading is CE alone (fresh text teaches the student as much as the teacher does, at no extra cost), its later
-  readings, where CE alone starts to overfit, get the teacher.
+  readings, where CE alone starts to overfit, get the teacher; ``"repeated-blocks"`` — the same block by block:
+  in every step the teacher reads and teaches the blocks read before, whatever the others are (its term weighs
+  their share of the step's blocks).
 - the teacher's weights load at the first step it teaches (:meth:`TeacherTask.micro_batches`): a heal that
   reads its corpus once never loads them (neither their memory nor their load time); :func:`heal_teacher_task`
   checks before the first step that they fit in the memory free beside the student, and a load that still fails
@@ -41,6 +43,7 @@ LOG = logging.getLogger(__name__)
 REPORT = "transplant_report.json"
 TEACHER_LOSSES = ("alm", "hidden", "pkl", "hkl", "tkl", "uld", "gold")
 TEACHER_TOKENS = 4  # the teacher reads up to 4x the student's tokens of a block (TeacherTask)
+TEACHER_ON = ("every", "repeats", "repeated-blocks")  # which steps / blocks a heal's teacher teaches (TeacherTask)
 
 
 def resolve_teacher(spec: str, model_path: str | Path) -> str | None:
@@ -165,7 +168,9 @@ class TeacherTask(BlocksTask):
     a step inside that fraction is a plain step too unless every block of its batch was drawn before
     (:attr:`seen`, rebuilt on resume by :meth:`replay`): on a corpus the budget reads about once the heal is CE
     alone, on one it reads several times the teacher teaches from the second reading on (and, with ``alm``, from
-    the third reading on from its kept log-probs).
+    the third reading on from its kept log-probs). With ``teacher_on="repeated-blocks"`` the choice is made per
+    block (:attr:`taught`): the teacher reads only the step's blocks drawn before and teaches on them (the student's
+    CE covers every block), its term weighted by their share of the step's blocks.
 
     The teacher's model is loaded by ``load`` at the first step it teaches (:attr:`loaded_at`), unless ``teacher``
     comes with one: a heal that never re-reads a block never loads it. If that load fails the step has not begun
@@ -181,7 +186,8 @@ class TeacherTask(BlocksTask):
         batch_size: blocks per step.
         teacher_fraction: fraction of the budget, in (0, 1], with the teacher on.
         teacher_decay: ``none`` or ``linear`` (:func:`teacher_weight`).
-        teacher_on: ``every`` step of the fraction or ``repeats`` (steps whose blocks were all drawn before).
+        teacher_on: ``every`` step of the fraction, ``repeats`` (steps whose blocks were all drawn before) or
+            ``repeated-blocks`` (in each step, the blocks drawn before).
         load: returns the teacher's model (e.g. :func:`load_teacher_weights`); needed when ``teacher.model`` is None.
     """
 
@@ -202,24 +208,37 @@ class TeacherTask(BlocksTask):
         self.cfg.data.teacher_max_tokens = TEACHER_TOKENS * seq_len
         self.cfg.loss = loss_config
         self.teacher_fraction, self.teacher_decay = teacher_fraction, teacher_decay
-        if teacher_on not in ("every", "repeats"):
-            raise ValueError(f"teacher_on must be every or repeats, got {teacher_on!r}")
+        if teacher_on not in TEACHER_ON:
+            raise ValueError(f"teacher_on must be one of {', '.join(TEACHER_ON)}, got {teacher_on!r}")
         self.teacher_on = teacher_on
         self.seen = np.zeros(len(self.blocks), dtype=bool)  # (n_blocks,) drawn at least once so far
         self.scheduled = 1.0  # the weight teacher_weight gives the current step
-        self.repeat = True  # every block of the current step's batch was drawn at an earlier step
+        self.taught = np.ones(batch_size, dtype=bool)  # (batch_size,) the blocks of the current step it teaches
 
     @property
     def weight(self) -> float:
-        """The teacher's weight in the current step (0: CE alone)."""
-        return self.scheduled if self.teacher_on == "every" or self.repeat else 0.0
+        """The teacher's weight in the current step (0: CE alone; the term weighs this times :attr:`share`)."""
+        return self.scheduled if self.taught.any() else 0.0
+
+    @property
+    def share(self) -> float:
+        """The taught blocks' share of the current step's blocks (1 unless ``teacher_on="repeated-blocks"``)."""
+        return float(self.taught.mean())
+
+    def taught_blocks(self, before: np.ndarray) -> np.ndarray:
+        """``(B,)`` bool: which blocks of a step the teacher teaches, given which were drawn at an earlier step."""
+        if self.teacher_on == "every":
+            return np.ones_like(before)
+        if self.teacher_on == "repeats":
+            return np.full_like(before, before.all())
+        return before.copy()
 
     def set_budget_fraction(self, spent: float) -> None:
         """Called by the loop before each step: ``spent`` of the budget is spent (sets the teacher's weight)."""
         self.scheduled = teacher_weight(spent, self.teacher_fraction, self.teacher_decay)
 
     def micro_batches(self, step: int) -> list:
-        """The plain heal's batch; notes whether every block of it was drawn before (:attr:`repeat`) and loads the
+        """The plain heal's batch; notes which of its blocks the teacher teaches (:attr:`taught`) and loads the
         teacher's model if this is the first step it teaches.
 
         Raises:
@@ -229,7 +248,7 @@ class TeacherTask(BlocksTask):
         out = super().micro_batches(step)
         ids = np.asarray([i for _, idx in out for i in idx], dtype=np.int64)
         before = self.seen[ids].copy()
-        self.repeat = bool(before.all())
+        self.taught = self.taught_blocks(before)
         self.seen[ids] = True
         if self.weight > 0 and self.teacher.model is None:
             try:
@@ -258,7 +277,8 @@ class TeacherTask(BlocksTask):
             return 0 if teacher_weight(0.0, self.teacher_fraction, self.teacher_decay) > 0 else None
         seen = np.zeros(len(self.blocks), dtype=bool)
         for step, ids in enumerate(self.redraw(steps)):
-            if seen[ids].all() and teacher_weight(step / steps, self.teacher_fraction, self.teacher_decay) > 0:
+            if self.taught_blocks(seen[ids]).any() and \
+                    teacher_weight(step / steps, self.teacher_fraction, self.teacher_decay) > 0:
                 return step
             seen[ids] = True
         return None
@@ -277,11 +297,27 @@ class TeacherTask(BlocksTask):
             yield self.draw(gen)
 
     def teachers(self) -> list:
-        """The teacher at this step's weight, or none (outside its window, or a first reading with ``repeats``)."""
-        return [] if self.weight == 0 else [dataclasses.replace(self.teacher, weight=self.weight)]
+        """The teacher at this step's weight times the taught blocks' share, or none (outside its window, or no
+        block read before with ``repeats`` / ``repeated-blocks``)."""
+        if self.weight == 0:
+            return []
+        share = self.share
+        return [dataclasses.replace(self.teacher, weight=self.weight if share == 1.0 else self.weight * share)]
+
+    def loss(self, model, batch, autocast):
+        """The student's CE on every block of ``batch``, plus the teacher's term on the blocks it teaches."""
+        from distill.trainer.distill_task import micro_loss
+
+        texts, ids = batch
+        rows = None if self.taught.all() else np.flatnonzero(self.taught)
+        total, metrics = micro_loss(self.cfg, model, self.tokenizer, self.s_vocab, self.teachers(), texts, ids,
+                                    self.device, autocast, teacher_rows=rows)
+        self.tokens = len(texts) * self.cfg.data.max_tokens
+        return total, metrics
 
     def step_metrics(self) -> dict:
         out = {"tokens": self.tokens, "teacher_weight": round(self.weight, 6),
+               "teacher_blocks": int(self.taught.sum()) if self.weight > 0 else 0,
                "teacher_loaded": self.teacher.model is not None}
         if self.teacher.memo is not None:
             out["teacher_memo_hits"] = self.teacher.memo.hits  # batches served without a teacher pass, so far

@@ -119,8 +119,13 @@ def teacher_is_coarser(s_enc: EncodedBatch, t_enc: EncodedBatch) -> bool:
     return t_tokens * s_bytes < s_tokens * t_bytes
 
 
-def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block_ids, device, autocast):
-    """Loss of one micro-batch; returns ``(total, metrics dict)``."""
+def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block_ids, device, autocast,
+               teacher_rows: np.ndarray | None = None):
+    """Loss of one micro-batch; returns ``(total, metrics dict)``.
+
+    ``teacher_rows``: the rows (indices into ``texts``) the teachers read and teach (None: all); the student's CE
+    covers every row. A teacher's term is then its loss on those rows' chunks (its forward pass runs on them only).
+    """
     s_enc = encode_blocks(texts, s_tok, s_vocab, cfg.data.max_tokens).to(device)
     wants_hidden = cfg.loss.name != "ce" and any(reads_student(t) == "hidden" for t in teachers)
     with head_input(model, wants_hidden) as s_box, autocast():
@@ -133,8 +138,12 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
     s_logp, s_r = token_log_probs(flat_s, labels)  # (B·L,) log p of each next token, one vocabulary pass
     ce = mean_ce(s_logp, labels)  # = F.cross_entropy(flat_s, labels, ignore_index=-100)
     metrics = {"ce": float(ce.detach())}
-    if cfg.loss.name == "ce" or not teachers:
+    if cfg.loss.name == "ce" or not teachers or (teacher_rows is not None and len(teacher_rows) == 0):
         return ce, metrics  # the plain cross-entropy baseline
+    rows = None if teacher_rows is None or len(teacher_rows) == B else np.asarray(teacher_rows, dtype=np.int64)
+    if rows is not None:  # the taught rows: their texts, ids and student encoding; sub-batch flat index -> full
+        texts, block_ids, s_enc = [texts[i] for i in rows], [block_ids[i] for i in rows], s_enc.take(rows)
+        full_index = (torch.from_numpy(rows)[:, None] * Ls + torch.arange(Ls)).reshape(-1).to(device)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     kd_terms, scores, hidden_rows = [], [], {}
     for t in teachers:
@@ -147,7 +156,8 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
         mode = "mean" if getattr(t.loss, "positions", None) == "all" else cfg.loss.chunk_positions  # alm: all
         ps = torch.from_numpy(keep_positions(position_chunks(al.chunk_a), mode)).to(device)
         pt = torch.from_numpy(keep_positions(position_chunks(al.chunk_b), mode)).to(device)
-        sel_s = torch.nonzero(ps >= 0)[:, 0]
+        sel_s = torch.nonzero(ps >= 0)[:, 0]  # positions of the (taught rows') flat batch
+        at_s = sel_s if rows is None else full_index[sel_s]  # the same positions in the student's (B·Ls) batch
         sel_t = torch.nonzero(pt >= 0)[:, 0]
         Lt = t_enc.input_ids.shape[1]
         targets = t_enc.labels.reshape(-1)
@@ -162,13 +172,13 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
         else:
             with torch.no_grad(), head_input(t.model, reads_student(t) == "hidden") as t_box, autocast():
                 tl = t.model(input_ids=t_enc.input_ids, attention_mask=t_enc.attention_mask).logits
-            tl = fit_vocab(tl, len(t.vocab)).reshape(B * Lt, -1)
+            tl = fit_vocab(tl, len(t.vocab)).reshape(len(texts) * Lt, -1)
             full = TeacherDist(len(t.vocab), logits=tl)
             if getattr(t.loss, "needs_targets", False):  # alm: the teacher's log p of its own next tokens
                 with torch.no_grad():
                     t_logp = token_log_probs(tl, targets)[0]
                 if t.memo is not None:
-                    t.memo.write(block_ids, t_logp.view(B, Lt), t_lengths)
+                    t.memo.write(block_ids, t_logp.view(len(texts), Lt), t_lengths)
             stats = position_stats(tl, targets) if cfg.weighting.mode == "dynamic" else None
         dist = full.select(sel_t) if full is not None else None
         if dist is not None:
@@ -180,24 +190,25 @@ def micro_loss(cfg, model, s_tok, s_vocab, teachers: list[Teacher], texts, block
         coarser = teacher_is_coarser(s_enc, t_enc)
         # a loss that reads the student only through its next-token log-probs (or its hidden states) gets those,
         # not a (N_s, V) copy of its logits
-        batch = ChunkedBatch(flat_s[sel_s] if reads_student(t) == "logits" else None, ps[sel_s], dist, pt[sel_t],
+        batch = ChunkedBatch(flat_s[at_s] if reads_student(t) == "logits" else None, ps[sel_s], dist, pt[sel_t],
                              al.n_chunks, exact, coarser)
         if reads_student(t) == "hidden":  # the head's inputs at each chunk's last token on both sides
             from distill.losses.hidden import chunk_last_tokens
 
             last_s, last_t = chunk_last_tokens(al.chunk_a, al.n_chunks), chunk_last_tokens(al.chunk_b, al.n_chunks)
             keep = (last_s >= 0) & (last_t >= 0)
-            rows = torch.from_numpy(last_s[keep]).to(device)
-            batch.student_hidden = h_s.reshape(-1, h_s.shape[-1])[rows]
+            at = torch.from_numpy(last_s[keep]).to(device)
+            at = at if rows is None else full_index[at]
+            batch.student_hidden = h_s.reshape(-1, h_s.shape[-1])[at]
             h_t = t_box["h"]
             batch.teacher_hidden = h_t.reshape(-1, h_t.shape[-1])[torch.from_numpy(last_t[keep]).to(h_t.device)]
-            hidden_rows[t.index] = (rows, batch.student_hidden)
+            hidden_rows[t.index] = (at, batch.student_hidden)
         if getattr(t.loss, "needs_targets", False):  # alm: chunk likelihoods of both sides' own tokens
             from distill.losses.alm import complete_chunks
 
             tlp = stats[:, 0] if t.cache is not None else t_logp
-            batch.student_targets = labels[sel_s]
-            batch.student_target_logp = s_logp[sel_s]
+            batch.student_targets = labels[at_s]
+            batch.student_target_logp = s_logp[at_s]
             batch.teacher_target_logp = tlp.to(device)[sel_t]
             batch.chunk_complete = torch.from_numpy(
                 complete_chunks(al.chunk_a, position_chunks(al.chunk_a), al.n_chunks)

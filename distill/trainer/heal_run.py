@@ -237,5 +237,8 @@ def _summary(cfg, step: int, seconds: float, n_tokens: int, metrics: list[dict],
             "teacher_steps": sum(1 for m in train if m.get("teacher_weight", 0) > 0)
             if any("teacher_weight" in m for m in train) else None,
             "teacher_memo_hits": train[-1].get("teacher_memo_hits") if train else None,
+            # the blocks the teacher taught, over all steps (of steps × batch_size)
+            "teacher_blocks": sum(m.get("teacher_blocks", 0) for m in train)
+            if any("teacher_blocks" in m for m in train) else None,
             "params": cfg.params, "device": str(device), "bf16_autocast": bf16, "config": cfg.to_dict(),
             "bits_per_byte_before": bpb_before}

@@ -90,12 +90,16 @@ def run(args) -> int:
     if s.get("teacher_steps") is not None:
         hits, taught = s.get("teacher_memo_hits"), s["teacher_steps"]
         kept = f" ({hits} of them from its kept log-probs, no teacher pass)" if hits else ""
-        if cfg.teacher_on == "repeats" and not taught:
+        if cfg.teacher_on != "every" and not taught:
             bpb += (f" Teacher {s.get('teacher')} taught no step: none re-read its blocks (CE alone; its weights were "
                     f"never loaded).")
         elif cfg.teacher_on == "repeats":
             bpb += (f" Teacher {s.get('teacher')} taught the {taught} steps that re-read their blocks{kept}; the other "
                     f"{s['steps'] - taught} read new text (CE alone).")
+        elif cfg.teacher_on == "repeated-blocks":
+            blocks = s["teacher_blocks"]
+            bpb += (f" Teacher {s.get('teacher')} taught the {blocks} of {s['steps'] * cfg.batch_size} blocks read "
+                    f"again, in {taught} steps{kept}; the blocks read for the first time had CE alone.")
         else:
             bpb += f" Teacher {s.get('teacher')} taught {taught} steps{kept}."
     print(f"Healed {args.model} for {s['steps']} steps ({s['seconds']} s on {s['device']}, "

@@ -161,11 +161,12 @@ class HealConfig(Config):
     teacher_decay: Literal["none", "linear"] = field(default="none", metadata={
         "help": "the teacher's weight over its fraction of the budget (with --teacher): none (1 throughout) or "
                 "linear (from 1 down to 0 at the end of the fraction)"})
-    teacher_on: Literal["repeats", "every"] = field(default="repeats", metadata={
+    teacher_on: Literal["repeats", "repeated-blocks", "every"] = field(default="repeats", metadata={
         "help": "which steps of its fraction the teacher teaches (with a teacher): repeats, only a step whose blocks "
                 "were all drawn before (a block's first reading is CE alone: on a corpus the budget reads about once "
                 "the heal is CE and the teacher costs nearly nothing; on one it reads several times the teacher "
-                "teaches from the second reading on), or every step"})
+                "teaches from the second reading on); repeated-blocks, the same block by block (in every step the "
+                "blocks drawn before, whatever the others are); or every step"})
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "the teacher's weights (with --teacher): auto is bfloat16 when the heal runs under bf16 autocast "
                 "(its forward is bf16 then anyway; float32 weights would only be cast every step), else float32"})

@@ -211,7 +211,7 @@ def test_target_memo_layout_and_capacity():
     assert (memo.hits, memo.misses) == (1, 2)
 
 
-@pytest.mark.parametrize("teacher_on", ["every", "repeats"])
+@pytest.mark.parametrize("teacher_on", ["every", "repeats", "repeated-blocks"])
 def test_cli_heal_with_a_teacher_on_a_small_corpus_reuses_the_teachers_log_probs(teacher_on, tiny_student, tiny_teacher,
                                                                                  tiny_text, tmp_path, capsys):
     """A small corpus is drawn again and again: from the CLI, the summary counts the steps served from the teacher's
@@ -231,11 +231,16 @@ def test_cli_heal_with_a_teacher_on_a_small_corpus_reuses_the_teachers_log_probs
     printed = capsys.readouterr().out
     s = json.loads((out / "heal_summary.json").read_text())
     n_blocks = len(token_blocks([small], load_tokenizer(str(tiny_student)), 47))
-    taught = 6 if teacher_on == "every" else sum(_repeat_steps(n_blocks, 2, 6))
+    blocks = _repeated_blocks(n_blocks, 2, 6)
+    taught = {"every": 6, "repeats": sum(_repeat_steps(n_blocks, 2, 6)),
+              "repeated-blocks": sum(c > 0 for c in blocks)}[teacher_on]
     assert rc == 0 and s["teacher_steps"] == taught and 1 <= s["teacher_memo_hits"] < taught
     kept = f"({s['teacher_memo_hits']} of them from its kept log-probs, no teacher pass)"
     if teacher_on == "repeats":
         assert f"taught the {taught} steps that re-read their blocks {kept}; the other {6 - taught} read new" in printed
+    elif teacher_on == "repeated-blocks":
+        assert sum(blocks) > taught and s["teacher_blocks"] == sum(blocks)
+        assert f"taught the {sum(blocks)} of 12 blocks read again, in {taught} steps {kept}; the blocks" in printed
     else:
         assert f"taught {taught} steps {kept}." in printed
     train = [json.loads(l) for l in (out / "heal_metrics.jsonl").read_text().splitlines()]
@@ -291,6 +296,79 @@ def test_teacher_on_repeats_teaches_only_steps_whose_blocks_were_all_read_before
     assert [m["step"] for m in again] == list(range(1, 9))
     assert [m["teacher_weight"] for m in again] == [m["teacher_weight"] for m in train]
     assert np.array_equal(resumed_task.seen, task.seen)
+
+
+def _repeated_blocks(n_blocks: int, batch_size: int, steps: int, seed: int = 0) -> list[int]:
+    """Reference: redraw the heal's blocks and count, step by step, the blocks drawn at an earlier step."""
+    gen, seen, out = torch.Generator().manual_seed(seed), set(), []
+    for _ in range(steps):
+        ids = torch.randint(0, n_blocks, (batch_size,), generator=gen).tolist()
+        out.append(sum(i in seen for i in ids))
+        seen.update(ids)
+    return out
+
+
+@pytest.mark.parametrize("loss", ["alm", "pkl", "hidden"])
+def test_a_teacher_on_some_rows_reads_and_teaches_only_those(loss, tiny_student, tiny_teacher, tiny_text):
+    """``micro_loss(teacher_rows=[1])``: the teacher's forward pass reads row 1 alone, its term is the term of a
+    batch of that block alone, and the student's CE still covers both rows (the CE of the batch without a
+    teacher)."""
+    from distill.trainer.distill_task import micro_loss
+    from surgery.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_student))
+    teacher, sv, lc = load_heal_teacher(str(tiny_teacher), tok, loss, torch.device("cpu"), top_k=128)
+    texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")]
+    task = TeacherTask(texts, tok, sv, teacher, lc, seq_len=48, batch_size=2, seed=0, device=torch.device("cpu"))
+    pair = [task.blocks[0], task.blocks[3]]
+    student = load_model(str(tiny_student))
+    rows_read: list[int] = []
+    teacher.model.register_forward_hook(lambda m, a, kw, out: rows_read.append(kw["input_ids"].shape[0]),
+                                        with_kwargs=True)
+
+    def run(blocks, ids, teachers, rows=None):
+        with torch.no_grad():
+            return micro_loss(task.cfg, student, tok, sv, teachers, blocks, ids, torch.device("cpu"),
+                              contextlib.nullcontext, teacher_rows=rows)
+
+    _, part = run(pair, [0, 3], [teacher], np.array([1]))
+    assert rows_read == [1]
+    _, alone = run(pair[1:], [3], [teacher])
+    _, plain = run(pair, [0, 3], [])
+    _, whole = run(pair, [0, 3], [teacher])
+    assert part["kd0"] == pytest.approx(alone["kd0"], rel=1e-4) and part["chunks0"] == alone["chunks0"]
+    assert part["ce"] == plain["ce"] == whole["ce"] and part["kd0"] != pytest.approx(whole["kd0"], rel=1e-3)
+    assert rows_read == [1, 1, 2]
+
+
+def test_teacher_on_repeated_blocks_teaches_each_block_read_before(tiny_student, tiny_teacher, tiny_text, tmp_path):
+    """``teacher_on="repeated-blocks"``: in each step the teacher's model reads exactly the blocks a brute-force redraw
+    of the block order marks as drawn before (none: no teacher pass), and its term weighs their share of the step
+    (value balance: loss = (1 + share) · CE); the summary counts the taught blocks and steps."""
+    from distill.teaching import heal_teacher_task
+    from distill.trainer import heal
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.transplant.config import HealConfig
+
+    tok = load_tokenizer(str(tiny_student))
+    texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")[:600]]
+    cfg = HealConfig(steps=8, params="all", teacher=str(tiny_teacher), loss="pkl", seq_len=48, batch_size=2,
+                     warmup=0, device="cpu", teacher_on="repeated-blocks", teacher_balance="value")
+    task = heal_teacher_task(str(tiny_teacher), tok, texts, cfg)
+    want = _repeated_blocks(len(task.blocks), 2, 8)
+    assert 1 in want and 2 in want and 0 in want  # fresh, mixed and repeated steps
+    assert task.first_taught_step(8) == next(i for i, c in enumerate(want) if c)
+    rows_read: list[int] = []
+    task.teacher_model().register_forward_hook(lambda m, a, kw, out: rows_read.append(kw["input_ids"].shape[0]),
+                                               with_kwargs=True)
+    _, summary, metrics = heal(load_model(str(tiny_student)), tok, texts, cfg, progress=False, task=task)
+    train = [m for m in metrics if m["event"] == "train"]
+    assert rows_read == [c for c in want if c]
+    assert [m["teacher_blocks"] for m in train] == want
+    assert [m["teacher_weight"] for m in train] == [1.0 if c else 0.0 for c in want]
+    for m, c in zip(train, want):
+        assert ("kd0" in m) == (c > 0) and m["loss"] == pytest.approx((1 + c / 2) * m["ce"], rel=1e-5)
+    assert summary["teacher_blocks"] == sum(want) and summary["teacher_steps"] == sum(c > 0 for c in want)
 
 
 def test_heal_config_defaults_to_the_base_model_teaching_repeated_blocks():
