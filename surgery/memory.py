@@ -28,7 +28,7 @@ def weights_nbytes(name_or_path: str | Path, dtype: torch.dtype | None = None) -
     """
     from surgery.checkpoint import CheckpointReader
     from surgery.loading import resolve
-    from surgery.shards import _nbytes
+    from surgery.shards import tensor_nbytes
 
     folder = Path(resolve(str(name_or_path))).expanduser()
     if not folder.is_dir():
@@ -37,7 +37,7 @@ def weights_nbytes(name_or_path: str | Path, dtype: torch.dtype | None = None) -
     total = 0
     for key in reader.keys:
         stored = reader.dtype(key)
-        total += _nbytes(dtype if dtype is not None and stored.is_floating_point else stored, reader.shape(key))
+        total += tensor_nbytes(dtype if dtype is not None and stored.is_floating_point else stored, reader.shape(key))
     return total
 
 

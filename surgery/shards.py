@@ -24,7 +24,8 @@ from surgery.errors import SurgeryError
 Entry = tuple[str, torch.dtype, list[int]]  # (name, dtype, shape)
 
 
-def _nbytes(dt: torch.dtype, shape) -> int:
+def tensor_nbytes(dt: torch.dtype, shape) -> int:
+    """Bytes of a tensor of dtype ``dt`` and ``shape`` (its safetensors payload)."""
     return math.prod(shape) * torch.empty(0, dtype=dt).element_size()
 
 
@@ -33,7 +34,7 @@ def shard_plan(entries: list[Entry], max_shard_bytes: int) -> list[list[int]]:
     shards: list[list[int]] = [[]]
     size = 0
     for i, (_, dt, shape) in enumerate(entries):
-        n = _nbytes(dt, shape)
+        n = tensor_nbytes(dt, shape)
         if shards[-1] and size + n > max_shard_bytes:
             shards.append([])
             size = 0
@@ -56,7 +57,7 @@ def write_shard(path: Path, entries: list[Entry], produce, cancelled=None) -> di
     """
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for k, dt, shape in entries:
-        n = _nbytes(dt, shape)
+        n = tensor_nbytes(dt, shape)
         header[k] = {"dtype": ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -67,7 +68,7 @@ def write_shard(path: Path, entries: list[Entry], produce, cancelled=None) -> di
         for k, dt, shape in entries:
             if cancelled is not None and cancelled():
                 break
-            n = _nbytes(dt, shape)
+            n = tensor_nbytes(dt, shape)
             t = produce(k)
             if isinstance(t, SourceBytes):
                 if t.nbytes != n:
@@ -99,7 +100,7 @@ def name_shards(folder: Path, files: list[Path], tensors: dict[str, list[Entry]]
         name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
         for k, dt, shape in tensors[path.name]:
             weight_map[k] = name
-            total += _nbytes(dt, shape)
+            total += tensor_nbytes(dt, shape)
         os.replace(path, folder / name)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
