@@ -299,21 +299,11 @@ class TeacherTask(BlocksTask):
     def teachers(self) -> list:
         """The teacher at this step's weight times the taught blocks' share, or none (outside its window, or no
         block read before with ``repeats`` / ``repeated-blocks``)."""
-        if self.weight == 0:
-            return []
-        share = self.share
-        return [dataclasses.replace(self.teacher, weight=self.weight if share == 1.0 else self.weight * share)]
+        return [] if self.weight == 0 else [dataclasses.replace(self.teacher, weight=self.weight * self.share)]
 
-    def loss(self, model, batch, autocast):
-        """The student's CE on every block of ``batch``, plus the teacher's term on the blocks it teaches."""
-        from distill.trainer.distill_task import micro_loss
-
-        texts, ids = batch
-        rows = None if self.taught.all() else np.flatnonzero(self.taught)
-        total, metrics = micro_loss(self.cfg, model, self.tokenizer, self.s_vocab, self.teachers(), texts, ids,
-                                    self.device, autocast, teacher_rows=rows)
-        self.tokens = len(texts) * self.cfg.data.max_tokens
-        return total, metrics
+    def teacher_rows(self) -> np.ndarray | None:
+        """The rows of this step's batch the teacher reads and teaches (None: all of them)."""
+        return None if self.taught.all() else np.flatnonzero(self.taught)
 
     def step_metrics(self) -> dict:
         out = {"tokens": self.tokens, "teacher_weight": round(self.weight, 6),

@@ -96,12 +96,16 @@ class BlocksTask:
         """The teachers of the current step (none: plain CE)."""
         return []
 
+    def teacher_rows(self):
+        """The rows of the current step's batch the teachers read (None: all)."""
+        return None
+
     def loss(self, model, batch, autocast):
         from distill.trainer.distill_task import micro_loss
 
         texts, ids = batch
         total, metrics = micro_loss(self.cfg, model, self.tokenizer, self.s_vocab, self.teachers(), texts, ids,
-                                    self.device, autocast)
+                                    self.device, autocast, teacher_rows=self.teacher_rows())
         self.tokens = len(texts) * self.cfg.data.max_tokens
         return total, metrics
 
