@@ -249,13 +249,8 @@ def test_cli_heal_with_a_teacher_on_a_small_corpus_reuses_the_teachers_log_probs
 
 
 def _repeat_steps(n_blocks: int, batch_size: int, steps: int, seed: int = 0) -> list[bool]:
-    """Reference: redraw the heal's blocks and mark the steps whose blocks were all drawn at an earlier step."""
-    gen, seen, out = torch.Generator().manual_seed(seed), set(), []
-    for _ in range(steps):
-        ids = torch.randint(0, n_blocks, (batch_size,), generator=gen).tolist()
-        out.append(all(i in seen for i in ids))
-        seen.update(ids)
-    return out
+    """Reference: the steps whose blocks were all drawn at an earlier step (:func:`_repeated_blocks`)."""
+    return [c == batch_size for c in _repeated_blocks(n_blocks, batch_size, steps, seed)]
 
 
 def test_teacher_on_repeats_teaches_only_steps_whose_blocks_were_all_read_before(tiny_student, tiny_teacher,
