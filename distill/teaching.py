@@ -273,8 +273,6 @@ class TeacherTask(BlocksTask):
         """The first of ``steps`` steps from the start that the teacher teaches, from a redraw of the block order
         (the weight schedule of a step budget: :func:`teacher_weight` at ``step / steps``); None if it teaches
         none of them."""
-        if self.teacher_on == "every":
-            return 0 if teacher_weight(0.0, self.teacher_fraction, self.teacher_decay) > 0 else None
         seen = np.zeros(len(self.blocks), dtype=bool)
         for step, ids in enumerate(self.redraw(steps)):
             if self.taught_blocks(seen[ids]).any() and \
