@@ -167,6 +167,7 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
 
 def main(argv=None) -> int:
     from surgery.transplant import TransplantConfig
+    from surgery.transplant.config import AUTOCAST, PARAMS, TEACHER_DECAY, TEACHER_ON
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m")
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-lr", type=float, default=HEAL_LR, help="learning rate of the healed rows")
     ap.add_argument("--heal-negatives", type=int, default=HEAL_NEGATIVES,
                     help="head rows of the most-favoured wrong tokens trained per step (0 = batch tokens only)")
-    ap.add_argument("--heal-params", nargs="+", default=["head"], choices=["head", "new-rows", "lora", "all"],
+    ap.add_argument("--heal-params", nargs="+", default=["head"], choices=list(PARAMS),
                     help="parameter policies healed, one heal each (head: head rows only, the body runs forward; "
                          "new-rows: input and head rows; lora: new rows + LoRA; all: every parameter)")
     ap.add_argument("--heal-teachers", nargs="+", default=["none"], choices=["none", "auto"],
@@ -198,14 +199,14 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-cells", nargs="+", default=None, metavar="PARAMS:TEACHER",
                     help="heal exactly these cells in this order (e.g. all:none all:auto head:none) instead of the "
                          "product of --heal-params and --heal-teachers")
-    ap.add_argument("--heal-autocast", default="auto", choices=["auto", "bf16", "off"],
+    ap.add_argument("--heal-autocast", default="auto", choices=list(AUTOCAST),
                     help="mixed precision of the heal (auto: bf16 on CUDA, float32 on CPU)")
     ap.add_argument("--heal-loss", default="alm", help="the teacher's cross-vocabulary loss (with --heal-teachers auto)")
     ap.add_argument("--heal-teacher-fraction", type=float, default=1.0,
                     help="teacher cells: the teacher teaches the first F of the budget, then CE alone")
-    ap.add_argument("--heal-teacher-decay", default="none", choices=["none", "linear"],
+    ap.add_argument("--heal-teacher-decay", default="none", choices=list(TEACHER_DECAY),
                     help="teacher cells: the teacher's weight over its fraction (linear: 1 down to 0)")
-    ap.add_argument("--heal-teacher-on", default="every", choices=["every", "repeats", "repeated-blocks"],
+    ap.add_argument("--heal-teacher-on", default="every", choices=list(TEACHER_ON),
                     help="teacher cells: every step, repeats (only steps whose blocks were all drawn before) or "
                          "repeated-blocks (in each step, the blocks drawn before)")
     ap.add_argument("--heal-seed", type=int, default=0, help="seed of the heal's block order and LoRA init")
@@ -217,8 +218,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     for c in args.heal_cells or []:
         p, _, t = c.partition(":")
-        if p not in ("head", "new-rows", "lora", "all") or t not in ("none", "auto"):
-            ap.error(f"--heal-cells: {c!r} is not PARAMS:TEACHER (head|new-rows|lora|all : none|auto)")
+        if p not in PARAMS or t not in ("none", "auto"):
+            ap.error(f"--heal-cells: {c!r} is not PARAMS:TEACHER ({'|'.join(PARAMS)} : none|auto)")
     if not 0 < args.heal_teacher_fraction <= 1:
         ap.error(f"--heal-teacher-fraction must be in (0, 1], got {args.heal_teacher_fraction}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)

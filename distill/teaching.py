@@ -37,13 +37,13 @@ import torch
 
 from distill.trainer.heal_run import BlocksTask, StopBeforeStep
 from surgery.errors import SurgeryError
+from surgery.transplant.config import TEACHER_DECAY, TEACHER_ON
 
 LOG = logging.getLogger(__name__)
 
 REPORT = "transplant_report.json"
 TEACHER_LOSSES = ("alm", "hidden", "pkl", "hkl", "tkl", "uld", "gold")
 TEACHER_TOKENS = 4  # the teacher reads up to 4x the student's tokens of a block (TeacherTask)
-TEACHER_ON = ("every", "repeats", "repeated-blocks")  # which steps / blocks a heal's teacher teaches (TeacherTask)
 
 
 def resolve_teacher(spec: str, model_path: str | Path) -> str | None:
@@ -208,6 +208,8 @@ class TeacherTask(BlocksTask):
         self.cfg.data.teacher_max_tokens = TEACHER_TOKENS * seq_len
         self.cfg.loss = loss_config
         self.teacher_fraction, self.teacher_decay = teacher_fraction, teacher_decay
+        if teacher_decay not in TEACHER_DECAY:
+            raise ValueError(f"teacher_decay must be one of {', '.join(TEACHER_DECAY)}, got {teacher_decay!r}")
         if teacher_on not in TEACHER_ON:
             raise ValueError(f"teacher_on must be one of {', '.join(TEACHER_ON)}, got {teacher_on!r}")
         self.teacher_on = teacher_on

@@ -9,12 +9,17 @@ fields (:mod:`surgery.config_flags`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from surgery.config import Config
 
 SPLITS = ("none", "pieces")
-PARAMS = ("new-rows", "head", "lora", "all")
+# the choices of a heal's fields, one list each: the config validates them, the CLI and the benchmarks offer them
+Params = Literal["new-rows", "head", "lora", "all"]
+Autocast = Literal["auto", "bf16", "off"]
+TeacherDecay = Literal["none", "linear"]
+TeacherOn = Literal["repeats", "repeated-blocks", "every"]
+PARAMS, AUTOCAST, TEACHER_DECAY, TEACHER_ON = (get_args(t) for t in (Params, Autocast, TeacherDecay, TeacherOn))
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ class HealConfig(Config):
 
     steps: int | None = field(default=None, metadata={"help": "optimizer steps"})
     minutes: float | None = field(default=None, metadata={"help": "wall-clock budget instead of steps"})
-    params: Literal["new-rows", "head", "lora", "all"] = field(default="new-rows", metadata={
+    params: Params = field(default="new-rows", metadata={
         "help": "what is trained: new-rows (input and head rows the transplant initialized, row-sparse), head (their "
                 "head rows only: forward-only body, about 2x faster steps), lora (new rows + LoRA on the body), all "
                 "(every parameter, dense)"})
@@ -137,7 +142,7 @@ class HealConfig(Config):
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
     train_rows: Literal["new", "all"] = field(default="new", metadata={
         "help": "rows that may move: new (only rows the transplant did not copy) or all (every row)"})
-    autocast: Literal["auto", "bf16", "off"] = field(default="auto", metadata={
+    autocast: Autocast = field(default="auto", metadata={
         "help": "mixed precision: auto (bf16 on CUDA, float32 on CPU), bf16, off. On CPU the faster one depends on "
                 "the chip: bf16 steps were 1.3x faster on an AVX512-BF16 AMD EPYC, slower on an AMX Xeon"})
     checkpoint_every: int = field(default=50, metadata={"help": "write a resumable state every N steps"})
@@ -158,10 +163,10 @@ class HealConfig(Config):
         "help": "the teacher teaches during this first fraction of the budget (of the minutes for --minutes, of "
                 "the steps for --steps), then CE alone without the teacher's forward pass (with --teacher; 1 = "
                 "the whole run)"})
-    teacher_decay: Literal["none", "linear"] = field(default="none", metadata={
+    teacher_decay: TeacherDecay = field(default="none", metadata={
         "help": "the teacher's weight over its fraction of the budget (with --teacher): none (1 throughout) or "
                 "linear (from 1 down to 0 at the end of the fraction)"})
-    teacher_on: Literal["repeats", "repeated-blocks", "every"] = field(default="repeats", metadata={
+    teacher_on: TeacherOn = field(default="repeats", metadata={
         "help": "which steps of its fraction the teacher teaches (with a teacher): repeats, only a step whose blocks "
                 "were all drawn before (a block's first reading is CE alone: on a corpus the budget reads about once "
                 "the heal is CE and the teacher costs nearly nothing; on one it reads several times the teacher "

@@ -170,7 +170,7 @@ def test_teacher_on_repeated_blocks_teaches_each_block_read_before(tiny_student,
     assert summary["teacher_blocks"] == sum(want) and summary["teacher_steps"] == sum(c > 0 for c in want)
 
 
-def test_heal_config_defaults_to_the_base_model_teaching_repeated_blocks():
+def test_heal_config_defaults_to_the_base_model_teaching_what_is_read_again():
     from surgery.errors import ConfigError
     from surgery.transplant.config import HealConfig
 
@@ -179,6 +179,18 @@ def test_heal_config_defaults_to_the_base_model_teaching_repeated_blocks():
     assert HealConfig(steps=1, teacher="none").teacher == "none"  # teacher_on is moot without a teacher
     with pytest.raises(ConfigError, match="teacher_on"):
         HealConfig.from_dict({"steps": 1, "teacher": "auto", "teacher_on": "sometimes"})
+
+
+@pytest.mark.parametrize("bad", [{"teacher_on": "sometimes"}, {"teacher_decay": "Linear"}])
+def test_a_teacher_task_refuses_a_schedule_it_does_not_know(bad, tiny_student, tiny_teacher, tiny_text):
+    """Direct library use gets the config's choices checked too (a misspelt decay is not quietly ``none``)."""
+    from surgery.loading import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_student))
+    teacher, sv, lc = load_heal_teacher(str(tiny_teacher), tok, "alm", torch.device("cpu"), top_k=128)
+    texts = [(tiny_text / "train.txt").read_text(encoding="utf-8")]
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TeacherTask(texts, tok, sv, teacher, lc, seq_len=48, batch_size=2, seed=0, device=torch.device("cpu"), **bad)
 
 
 def test_a_teacher_that_does_not_fit_in_memory_is_a_clear_error(tiny_student, tiny_teacher, monkeypatch):
