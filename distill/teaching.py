@@ -89,6 +89,10 @@ def heal_teacher(name: str, student_tokenizer, loss_name: str, device, **loss_pa
     return Teacher(0, name, tok, t_vocab, make_loss(loss_name, lc, ctx), 1.0, None), s_vocab, lc
 
 
+TOO_BIG_HINT = ("heal with --teacher none (CE alone, the memory of one model), load the teacher in bfloat16 "
+                "(--teacher-dtype bfloat16), or pass a smaller --teacher")
+
+
 def load_teacher_weights(name: str, device, dtype=None) -> torch.nn.Module:
     """The teacher's model, frozen, in ``dtype`` (float32 by default) on ``device``.
 
@@ -101,8 +105,7 @@ def load_teacher_weights(name: str, device, dtype=None) -> torch.nn.Module:
         model = load_model(name, dtype=dtype or torch.float32, device=device)
     except torch.OutOfMemoryError as e:
         raise SurgeryError(f"the teacher {name} does not fit in {device} memory beside the student ({e})",
-                           "heal with --teacher none (CE alone, the memory of one model), or load the teacher in "
-                           "bfloat16 (--teacher-dtype bfloat16)") from e
+                           TOO_BIG_HINT) from e
     model.eval()
     model.requires_grad_(False)
     return model
@@ -135,8 +138,7 @@ def check_teacher_fits(name: str, dtype: torch.dtype, device, beside: int = 0) -
         kind, dt = torch.device(device).type, str(dtype).replace("torch.", "")
         raise SurgeryError(f"the teacher {name} needs {size_text(need)} of {kind} memory for its weights ({dt}), "
                            f"more than the {size_text(free)} free beside the student",
-                           "heal with --teacher none (CE alone, the memory of one model), load the teacher in "
-                           "bfloat16 (--teacher-dtype bfloat16), or pass a smaller --teacher")
+                           TOO_BIG_HINT)
 
 
 def teacher_weight(spent: float, fraction: float = 1.0, decay: str = "none") -> float:
