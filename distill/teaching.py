@@ -83,7 +83,10 @@ def heal_teacher(name: str, student_tokenizer, loss_name: str, device, **loss_pa
 
     lc = LossConfig(name=loss_name, **loss_params)
     s_vocab = canonical_vocabulary(student_tokenizer)
-    tok = load_tokenizer(name)
+    try:
+        tok = load_tokenizer(name)
+    except SurgeryError as e:  # say which of the heal's models is wrong
+        raise SurgeryError(f"teacher {name}: {e.message}", e.hint) from e
     t_vocab = canonical_vocabulary(tok, name)
     ctx = build_context(loss_name, s_vocab, t_vocab, device, hkl_threshold=lc.hkl_threshold, project=lc.project)
     return Teacher(0, name, tok, t_vocab, make_loss(loss_name, lc, ctx), 1.0, None), s_vocab, lc

@@ -315,6 +315,12 @@ CASES = [
     c("heal-batch-size-0", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1",
                                             "--batch-size", "0", "--out", str(d / "out")], match="batch",
       owner_note="heal config validation"),
+    c("heal-missing-teacher", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1", "--teacher",
+                                               str(d / "nope"), "--out", str(d / "out")],
+      match=r"teacher .*nope.* does not exist"),
+    c("heal-auto-teacher-without-report", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1",
+                                                           "--teacher", "auto", "--out", str(d / "out")],
+      match="does not name the base model"),
     # ---------------------------------------------------------------- distill
     c("distill-missing-yaml", lambda w, d, m: ["distill", "--config", str(d / "none.yaml")], match="does not exist"),
     c("distill-corrupt-yaml", lambda w, d, m: ["distill", "--config", str(m)], yaml_file("student: [unclosed\n  x: :"),
