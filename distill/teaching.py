@@ -78,7 +78,7 @@ def heal_teacher(name: str, student_tokenizer, loss_name: str, device, **loss_pa
     """
     from distill.losses import LossConfig, build_context, make_loss
     from distill.teachers import Teacher
-    from surgery.loading import load_tokenizer
+    from surgery.loading import check_tokenizer_fits_config, load_tokenizer
     from surgery.vocab.surfaces import canonical_vocabulary
 
     lc = LossConfig(name=loss_name, **loss_params)
@@ -87,6 +87,7 @@ def heal_teacher(name: str, student_tokenizer, loss_name: str, device, **loss_pa
         tok = load_tokenizer(name)
     except SurgeryError as e:  # say which of the heal's models is wrong
         raise SurgeryError(f"teacher {name}: {e.message}", e.hint) from e
+    check_tokenizer_fits_config(name, tok)  # before the first step; load_teacher_weights checks the weights
     t_vocab = canonical_vocabulary(tok, name)
     ctx = build_context(loss_name, s_vocab, t_vocab, device, hkl_threshold=lc.hkl_threshold, project=lc.project)
     return Teacher(0, name, tok, t_vocab, make_loss(loss_name, lc, ctx), 1.0, None), s_vocab, lc
@@ -96,19 +97,21 @@ TOO_BIG_HINT = ("heal with --teacher none (CE alone, the memory of one model), l
                 "(--teacher-dtype bfloat16), or pass a smaller --teacher")
 
 
-def load_teacher_weights(name: str, device, dtype=None) -> torch.nn.Module:
-    """The teacher's model, frozen, in ``dtype`` (float32 by default) on ``device``.
+def load_teacher_weights(name: str, tokenizer, device, dtype=None) -> torch.nn.Module:
+    """The teacher's model, frozen, in ``dtype`` (float32 by default) on ``device``; ``tokenizer`` is its own.
 
     Raises:
-        SurgeryError: the weights do not fit in the device's memory (or cannot be loaded).
+        SurgeryError: the weights do not fit in the device's memory (or cannot be loaded), or the tokenizer has
+            more ids than they have embedding rows.
     """
-    from surgery.loading import load_model
+    from surgery.loading import check_tokenizer_fits, load_model
 
     try:
         model = load_model(name, dtype=dtype or torch.float32, device=device)
     except torch.OutOfMemoryError as e:
         raise SurgeryError(f"the teacher {name} does not fit in {device} memory beside the student ({e})",
                            TOO_BIG_HINT) from e
+    check_tokenizer_fits(model, tokenizer, name)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -117,7 +120,7 @@ def load_teacher_weights(name: str, device, dtype=None) -> torch.nn.Module:
 def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtype=None, **loss_params):
     """:func:`heal_teacher` with its model loaded (:func:`load_teacher_weights`); same return value."""
     teacher, s_vocab, lc = heal_teacher(name, student_tokenizer, loss_name, device, **loss_params)
-    teacher.model = load_teacher_weights(name, device, dtype)
+    teacher.model = load_teacher_weights(name, teacher.tokenizer, device, dtype)
     LOG.info("heal teacher: %s (%d tokens, loss %s)", name, len(teacher.vocab), loss_name)
     return teacher, s_vocab, lc
 
@@ -351,7 +354,7 @@ def heal_teacher_task(teacher_name: str, tokenizer, texts, config,
                                         rescale_by=config.teacher_balance)
     task = TeacherTask(texts, tokenizer, s_vocab, teacher, lc, config.seq_len, config.batch_size, config.seed, device,
                        config.teacher_fraction, config.teacher_decay, config.teacher_on,
-                       load=lambda: load_teacher_weights(teacher_name, device, dtype))
+                       load=lambda: load_teacher_weights(teacher_name, teacher.tokenizer, device, dtype))
     if config.steps is not None and task.first_taught_step(config.steps) is None:
         LOG.info("heal teacher %s: none of the %d steps re-reads its blocks; its weights will not be loaded",
                  teacher_name, config.steps)

@@ -130,6 +130,55 @@ def load_model(
     return model
 
 
+def _declared_rows(name_or_path: str | Path) -> int | None:
+    """The embedding rows a local checkpoint declares (its config's ``vocab_size``), read without its weights.
+
+    Returns:
+        ``None`` when not known: not a local folder, or a config without a vocabulary size.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(resolve(name_or_path)).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder))
+    except Exception:  # an unreadable config is load_model's to report
+        return None
+    rows = getattr(cfg.get_text_config(), "vocab_size", None)
+    return rows if isinstance(rows, int) else None
+
+
+def check_tokenizer_fits(model, tokenizer, name: str | Path) -> None:
+    """Refuse a tokenizer with more ids than the model has embedding rows: its last ids would index past them
+    (an ``IndexError`` deep in the forward pass). More rows than ids is normal (padded vocabularies).
+
+    Args:
+        model: the model, or its number of embedding rows.
+
+    Raises:
+        SurgeryError: naming the model and both sizes.
+    """
+    rows = model if isinstance(model, int) else model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):
+        raise SurgeryError(
+            f"the tokenizer of {name} has {len(tokenizer)} tokens but the model's embedding has only {rows} rows",
+            "use the tokenizer that belongs to this checkpoint (or transplant it with `surgery transplant`)",
+        )
+
+
+def check_tokenizer_fits_config(name_or_path: str | Path, tokenizer) -> None:
+    """:func:`check_tokenizer_fits` against the rows a local checkpoint's config declares, before its weights load
+    (so that a run refuses before it writes anything); nothing is checked where the config does not say.
+
+    Raises:
+        SurgeryError: the tokenizer has more ids than the config's ``vocab_size``.
+    """
+    rows = _declared_rows(name_or_path)
+    if rows is not None:
+        check_tokenizer_fits(rows, tokenizer, name_or_path)
+
+
 def default_device() -> torch.device:
     """CUDA when there is one, CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -130,6 +130,27 @@ def model_with_corrupt_tokenizer(w, d):
     return m
 
 
+def model_b_with_tokenizer_a(w, d):
+    """Model B (32,000 rows) carrying model A's tokenizer (49,152 tokens): a tokenizer that does not fit."""
+    m = _copy(w["b"], d / "foreigntok")
+    for f in m.glob("tokenizer*"):
+        f.unlink()
+    for f in w["a"].glob("tokenizer*"):
+        shutil.copy(f, m / f.name)
+    return m
+
+
+def distill_yaml_with_foreign_tokenizer(side: str):
+    """A distill recipe whose student or teacher is :func:`model_b_with_tokenizer_a`."""
+    def make(w, d):
+        m = model_b_with_tokenizer_a(w, d)
+        text = distill_yaml(w, d)
+        old = f"student:\n  model: {w['a']}" if side == "student" else f"  - model: {w['b']}"
+        assert old in text
+        return yaml_file(text.replace(old, old.replace(str(w["a" if side == "student" else "b"]), str(m))))(w, d)
+    return make
+
+
 def text_dir(w, d):
     p = d / "adir.txt"
     p.mkdir()
@@ -278,6 +299,9 @@ CASES = [
       "tokenizer"),
     c("align-missing-tokenizer", lambda w, d, m: ["align", str(d / "nope"), str(w["tok_b"])], match="does not exist"),
     # ---------------------------------------------------------------- transplant
+    c("transplant-base-tokenizer-does-not-fit", lambda w, d, m: ["transplant", str(m), str(w["tok_b"]),
+                                                                 str(d / "out"), "--method", "mean"],
+      model_b_with_tokenizer_a, "rows"),
     c("transplant-existing-output", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(m), "--method",
                                                      "mean"], existing_dir, "already exists"),
     c("transplant-output-is-the-model", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(w[A]),
@@ -321,12 +345,29 @@ CASES = [
     c("heal-auto-teacher-without-report", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1",
                                                            "--teacher", "auto", "--out", str(d / "out")],
       match="does not name the base model"),
+    c("heal-nan-teacher", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1", "--teacher",
+                                           str(m), "--teacher-on", "every", "--train-rows", "all", "--out", str(d / "out")],
+      nan_model, "nan"),
+    c("heal-truncated-teacher", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1",
+                                                 "--teacher", str(m), "--teacher-on", "every", "--train-rows", "all", "--out",
+                                                 str(d / "out")], truncated_model, "truncated"),
+    c("heal-teacher-tokenizer-does-not-fit", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps",
+                                                              "1", "--teacher", str(m), "--teacher-on", "every",
+                                                              "--train-rows", "all", "--out", str(d / "out")],
+      model_b_with_tokenizer_a, "rows"),
+    c("heal-tokenizer-does-not-fit", lambda w, d, m: ["heal", str(m), "--text", str(w[TXT]), "--steps", "1",
+                                                      "--teacher", "none", "--train-rows", "all", "--out",
+                                                      str(d / "out")], model_b_with_tokenizer_a, "rows"),
     # ---------------------------------------------------------------- distill
     c("distill-missing-yaml", lambda w, d, m: ["distill", "--config", str(d / "none.yaml")], match="does not exist"),
     c("distill-corrupt-yaml", lambda w, d, m: ["distill", "--config", str(m)], yaml_file("student: [unclosed\n  x: :"),
       "yaml"),
     c("distill-unknown-key", lambda w, d, m: ["distill", "--config", str(m)],
       lambda w, d: yaml_file(distill_yaml(w, d, extra="colour: blue\n"))(w, d), "colour", subprocess=True),
+    c("distill-student-tokenizer-does-not-fit", lambda w, d, m: ["distill", "--config", str(m)],
+      distill_yaml_with_foreign_tokenizer("student"), "rows"),
+    c("distill-teacher-tokenizer-does-not-fit", lambda w, d, m: ["distill", "--config", str(m)],
+      distill_yaml_with_foreign_tokenizer("teacher"), "rows"),
     c("distill-steps-0", lambda w, d, m: ["distill", "--config", str(m)],
       lambda w, d: yaml_file(distill_yaml(w, d, steps=0))(w, d), "steps"),
     c("distill-lr-nan", lambda w, d, m: ["distill", "--config", str(m), "train.lr=nan"],
@@ -399,7 +440,8 @@ def test_bad_input(case: Case, world, tmp_path, capsys):
     code, err = _run(argv, capsys, case.subprocess)
     if made is not None and made.exists() and made.stat().st_mode & 0o777 == 0:
         made.chmod(0o644)
-    lines = [line for line in err.splitlines() if line.strip()]
+    # what a terminal shows: a progress bar erased with "\r" before the error is not a line
+    lines = [shown for line in err.split("\n") if (shown := line.split("\r")[-1]).strip()]
     note = f" ({case.owner_note})" if case.owner_note else ""
     assert code == 2, f"exit {code}{note}; stderr:\n{err}"
     assert "Traceback" not in err, err

@@ -105,12 +105,15 @@ def param_spec(cfg: DistillConfig) -> ParamSpec:
                      weight_decay=tr.weight_decay, lora=lora)
 
 
-def load_student(cfg: DistillConfig, device) -> Policy:
-    """The student with its policy applied (adapters added, trainable parameters selected)."""
-    from surgery.loading import load_model
+def load_student(cfg: DistillConfig, device, tokenizer=None) -> Policy:
+    """The student with its policy applied (adapters added, trainable parameters selected); ``tokenizer``, when
+    given, must fit its embedding."""
+    from surgery.loading import check_tokenizer_fits, load_model
 
     s = cfg.student
     model = load_model(s.model, dtype=torch.float32, device=device, trust_remote_code=s.trust_remote_code)
+    if tokenizer is not None:
+        check_tokenizer_fits(model, tokenizer, s.model)
     policy = Policy(model, param_spec(cfg))
     policy.model.train()
     return policy
@@ -222,17 +225,18 @@ def _run(cfg: DistillConfig, env, resume: bool, overwrite: bool, t_start: float)
     out, ckpt, replaced = _prepare_run_dir(cfg, resume, overwrite)
     dd.barrier(env)  # every rank has looked at the folder before rank 0 changes it
     blocks, order, heldout = _inputs(cfg, env)
-    from surgery.loading import load_tokenizer
+    from surgery.loading import check_tokenizer_fits_config, load_tokenizer
     from surgery.vocab.surfaces import canonical_vocabulary
 
     s_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.model, trust_remote_code=cfg.student.trust_remote_code)
+    check_tokenizer_fits_config(cfg.student.model, s_tok)
     s_vocab = canonical_vocabulary(s_tok, cfg.student.tokenizer or cfg.student.model)
     sides = [] if cfg.loss.name == "ce" else teacher_sides(cfg, s_vocab)  # bad alignments fail before any write
     trash = _claim_dir(cfg, out, replaced, env)
     _set_runtime(tr)
     device = env.device
     autocast = autocast_factory(device, use_bf16(tr.precision, device))
-    policy = load_student(cfg, device)
+    policy = load_student(cfg, device, s_tok)
     teachers = [] if cfg.loss.name == "ce" else load_teachers(cfg, s_vocab, sides, device, blocks,
                                                                blocks_fingerprint(blocks), out, env)
     model = dd.wrap(policy.model, env, cfg.distributed.strategy)

@@ -30,14 +30,16 @@ LOG = logging.getLogger(__name__)
 
 def teacher_sides(cfg: DistillConfig, s_vocab) -> list[tuple]:
     """``(tokenizer, vocabulary, saved projection or None)`` of each teacher: cheap, and it reads every
-    alignment file, so a bad one is reported before anything is written."""
-    from surgery.loading import load_tokenizer
+    alignment file and checks each tokenizer against its model's config, so a bad one is reported before anything
+    is written."""
+    from surgery.loading import check_tokenizer_fits_config, load_tokenizer
     from surgery.vocab.store import load_alignment
     from surgery.vocab.surfaces import canonical_vocabulary
 
     out = []
     for tc in cfg.teachers:
         tok = load_tokenizer(tc.tokenizer or tc.model, trust_remote_code=tc.trust_remote_code)
+        check_tokenizer_fits_config(tc.model, tok)
         vocab = canonical_vocabulary(tok, tc.tokenizer or tc.model)
         out.append((tok, vocab, load_alignment(tc.alignment, s_vocab, vocab) if tc.alignment else None))
     return out
@@ -60,23 +62,25 @@ def load_teachers(cfg: DistillConfig, s_vocab, sides: list[tuple], device, block
                                 tc.dtype)
             cache = TopKCache.open_matching(cdir, key)
             if cache is None:
-                model = load_teacher_model(tc, device)
+                model = load_teacher_model(tc, tok, device)
                 cache = build_cache(cdir, key, model, tok, vocab, blocks, cfg.data.max_tokens, cfg.cache.top_k,
                                     cfg.cache.batch_size, device, env.rank, env.world_size, lambda: dd.barrier(env),
                                     progress=cfg.train.progress)
             model = None  # the cache serves every block from now on
         else:
-            model = load_teacher_model(tc, device)
+            model = load_teacher_model(tc, tok, device)
         teachers.append(Teacher(i, tc.model, tok, vocab, loss, tc.weight, model, cache))
         LOG.info("teacher %d: %s (%d tokens, %s)%s", i, tc.model, len(vocab), vocab.family,
                  " from cache" if cache is not None else "")
     return teachers
 
 
-def load_teacher_model(tc, device):
-    from surgery.loading import load_model
+def load_teacher_model(tc, tokenizer, device):
+    """Teacher ``tc``'s model, frozen, on ``device``; ``tokenizer`` (its own) must fit its embedding."""
+    from surgery.loading import check_tokenizer_fits, load_model
 
     model = load_model(tc.model, dtype=tc.dtype, device=device, trust_remote_code=tc.trust_remote_code)
+    check_tokenizer_fits(model, tokenizer, tc.model)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -212,6 +212,8 @@ def heal(model, tokenizer, texts: list[str], config, state_dir: str | Path | Non
     except StopBeforeStep as e:
         if sdir is None:
             raise
+        if e.step == 0:  # no step done: nothing to resume, nothing saved
+            raise SurgeryError(e.message, e.hint) from e
         checkpoint(e.step, time.time() - t0)
         raise SurgeryError(f"{e.message}; the heal stopped after {e.step} steps and saved its state in {sdir}",
                            f"{e.hint}; continue it with the same command plus --resume") from e

@@ -53,19 +53,3 @@ def member_problems(args) -> list[str]:
         if not all(math.isfinite(w) and w > 0 for w in args.weight):
             problems.append(f"every --weight must be a finite number > 0, got {args.weight}")
     return problems
-
-
-def check_tokenizer_fits(model, tokenizer, name: str) -> None:
-    """Refuse a tokenizer with more ids than the model has embedding rows (it would index past them).
-
-    Raises:
-        SurgeryError: naming both sizes.
-    """
-    from surgery.errors import SurgeryError
-
-    rows = model.get_input_embeddings().num_embeddings
-    if rows < len(tokenizer):
-        raise SurgeryError(
-            f"tokenizer of {name} has {len(tokenizer)} tokens but the model's embedding has only {rows} rows",
-            "use the tokenizer that belongs to this checkpoint (or transplant it with `surgery transplant`)",
-        )

@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 from surgery.commands._model_options import add_model_options, model_options
-from surgery.commands._sampling import (add_member_arguments, add_sampling_arguments, check_tokenizer_fits,
-                                       member_problems, sampling_problems)
+from surgery.commands._sampling import add_member_arguments, add_sampling_arguments, member_problems, sampling_problems
 
 NAME = "ensemble"
 HELP = "generate from an ensemble of models with different vocabularies (byte level; --token-level approximate)"
@@ -37,7 +36,7 @@ def validate(args) -> None:
 
 
 def run(args) -> int:
-    from surgery.loading import load_model, load_tokenizer
+    from surgery.loading import check_tokenizer_fits, load_model, load_tokenizer
 
     validate(args)
     dtype, device = model_options(args)

@@ -31,7 +31,7 @@ def add_arguments(p):
 def run(args) -> int:
     from surgery.errors import SurgeryError
     from surgery.evaluate import EvalOptions, bits_per_byte
-    from surgery.loading import load_model, load_tokenizer
+    from surgery.loading import check_tokenizer_fits, load_model, load_tokenizer
     from surgery.textio import read_text
 
     EvalOptions(args.max_length, args.stride, args.batch_size).check()  # numeric options before any loading
@@ -39,12 +39,7 @@ def run(args) -> int:
     tok = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     dtype, device = model_options(args)
     model = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    if model.get_input_embeddings().num_embeddings < len(tok):
-        raise SurgeryError(
-            f"tokenizer has {len(tok)} tokens but the model's embedding has only "
-            f"{model.get_input_embeddings().num_embeddings} rows",
-            "use the tokenizer that belongs to this checkpoint (or transplant it with `surgery transplant`)",
-        )
+    check_tokenizer_fits(model, tok, args.model)
     rows = []
     for path, text in texts:
         t0 = time.time()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from surgery.commands._model_options import add_model_options, model_options
-from surgery.commands._sampling import add_sampling_arguments, check_tokenizer_fits, sampling_problems
+from surgery.commands._sampling import add_sampling_arguments, sampling_problems
 
 NAME = "generate"
 HELP = "generate text from a model; --bytes samples byte by byte (prompts may end inside a token)"
@@ -36,7 +36,7 @@ def validate(args) -> None:
 
 
 def run(args) -> int:
-    from surgery.loading import load_model, load_tokenizer
+    from surgery.loading import check_tokenizer_fits, load_model, load_tokenizer
 
     validate(args)
     dtype, device = model_options(args)

@@ -279,10 +279,14 @@ def transplant(model, old_tok, new_tok, config: TransplantConfig | None = None, 
         ``(model, report)``.
 
     Raises:
-        SurgeryError: no input embeddings, unusable tokenizers or donor.
+        SurgeryError: no input embeddings, unusable tokenizers or donor, an ``old_tok`` with more ids than the
+            model has embedding rows.
     """
+    from surgery.loading import check_tokenizer_fits
+
     cfg = config or TransplantConfig()
     emb, head, tied = embedding_modules(model)
+    check_tokenizer_fits(emb.weight.shape[0], old_tok, "the model to transplant")
     kind = "none" if head is None else ("tied" if tied else "untied")
     donor_in = None
     if cfg.method == "omp" and donor is not None:
@@ -327,7 +331,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     from transformers import AutoConfig, GenerationConfig
 
     from surgery.checkpoint import CheckpointReader, atomic_output_dir, check_output_free, save_generation_config
-    from surgery.loading import checkpoint_folder, load_tokenizer, parse_dtype
+    from surgery.loading import check_tokenizer_fits, checkpoint_folder, load_tokenizer, parse_dtype
     from surgery.transplant.streaming import embedding_keys, model_skeleton
 
     cfg = config or TransplantConfig()
@@ -361,6 +365,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
                           tmp, max_shard_bytes, convert, copy_unread=wants_offsets)
         try:
             old_tok = load_tokenizer(old_tokenizer or folder)
+            check_tokenizer_fits(reader.shape(emb_key)[0], old_tok, model_path)
             donor_in = None
             if cfg.method == "omp":
                 dfolder = checkpoint_folder(cfg.donor)

@@ -153,6 +153,15 @@ def test_model_without_input_embeddings_is_a_surgery_error(toks):
         transplant(NoEmb(), *toks, TransplantConfig(method="mean"))
 
 
+def test_an_old_tokenizer_with_more_ids_than_the_model_has_rows_is_refused(toks):
+    old_tok, new_tok = toks
+    model = tiny_llama(len(old_tok) - 1)  # one id past the last row
+    with pytest.raises(SurgeryError, match=rf"{len(old_tok)} tokens but the model's embedding has only "
+                                           rf"{len(old_tok) - 1} rows"):
+        transplant(model, old_tok, new_tok, TransplantConfig(method="mean"))
+    transplant(tiny_llama(len(old_tok) + 7), old_tok, new_tok, TransplantConfig(method="mean"))  # padded rows: fine
+
+
 def test_config_is_validated_all_at_once():
     with pytest.raises(ConfigError) as e:
         TransplantConfig(method="nope", top_k=0, temperature=-1)
