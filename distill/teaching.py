@@ -78,7 +78,7 @@ def heal_teacher(name: str, student_tokenizer, loss_name: str, device, **loss_pa
     """
     from distill.losses import LossConfig, build_context, make_loss
     from distill.teachers import Teacher
-    from surgery.loading import check_tokenizer_fits_config, load_tokenizer
+    from surgery.loading import check_checkpoint, load_tokenizer
     from surgery.vocab.surfaces import canonical_vocabulary
 
     lc = LossConfig(name=loss_name, **loss_params)
@@ -87,7 +87,7 @@ def heal_teacher(name: str, student_tokenizer, loss_name: str, device, **loss_pa
         tok = load_tokenizer(name)
     except SurgeryError as e:  # say which of the heal's models is wrong
         raise SurgeryError(f"teacher {name}: {e.message}", e.hint) from e
-    check_tokenizer_fits_config(name, tok)  # before the first step; load_teacher_weights checks the weights
+    check_checkpoint(name, tok)  # before the first step, from headers; load_teacher_weights checks the weights
     t_vocab = canonical_vocabulary(tok, name)
     ctx = build_context(loss_name, s_vocab, t_vocab, device, hkl_threshold=lc.hkl_threshold, project=lc.project)
     return Teacher(0, name, tok, t_vocab, make_loss(loss_name, lc, ctx), 1.0, None), s_vocab, lc

@@ -90,7 +90,8 @@ def load_model(
     """Load a causal LM from an asset name, a local HF folder (sharded or not) or a hub id.
 
     Local folders are validated first (config present, weights present, safetensors
-    headers readable) so that a broken folder gives one clear line.
+    headers readable) so that a broken folder gives one clear line; a checkpoint that lacks weights its
+    architecture needs (which transformers would initialize at random) and non-finite weights are refused.
 
     Returns:
         The model in eval mode on ``device`` (default CPU).
@@ -109,8 +110,8 @@ def load_model(
         dtype = parse_dtype(dtype)
     try:
         on_gpu = device is not None and torch.device(device).type == "cuda"
-        model = AutoModelForCausalLM.from_pretrained(  # straight onto a GPU: no CPU copy of a large model
-            str(p) if p.exists() else src, dtype=dtype, trust_remote_code=trust_remote_code,
+        model, info = AutoModelForCausalLM.from_pretrained(  # straight onto a GPU: no CPU copy of a large model
+            str(p) if p.exists() else src, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
             **({"device_map": str(device)} if on_gpu else {}),
         )
     except SurgeryError:
@@ -120,6 +121,11 @@ def load_model(
             f"could not load a causal LM from {src!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
             "pass a Hugging Face causal-LM folder (config.json + safetensors) or a hub id",
         ) from e
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would have initialized them at random: a quietly broken model
+        from surgery.transplant.streaming import missing_weights_error
+
+        raise missing_weights_error(src, type(model).__name__, missing)
     from surgery.checkpoint import check_finite
 
     for name, t in model.state_dict().items():
@@ -128,25 +134,6 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
-
-
-def _declared_rows(name_or_path: str | Path) -> int | None:
-    """The embedding rows a local checkpoint declares (its config's ``vocab_size``), read without its weights.
-
-    Returns:
-        ``None`` when not known: not a local folder, or a config without a vocabulary size.
-    """
-    from transformers import AutoConfig
-
-    folder = Path(resolve(name_or_path)).expanduser()
-    if not (folder / "config.json").is_file():
-        return None
-    try:
-        cfg = AutoConfig.from_pretrained(str(folder))
-    except Exception:  # an unreadable config is load_model's to report
-        return None
-    rows = getattr(cfg.get_text_config(), "vocab_size", None)
-    return rows if isinstance(rows, int) else None
 
 
 def check_tokenizer_fits(model, tokenizer, name: str | Path) -> None:
@@ -167,16 +154,38 @@ def check_tokenizer_fits(model, tokenizer, name: str | Path) -> None:
         )
 
 
-def check_tokenizer_fits_config(name_or_path: str | Path, tokenizer) -> None:
-    """:func:`check_tokenizer_fits` against the rows a local checkpoint's config declares, before its weights load
-    (so that a run refuses before it writes anything); nothing is checked where the config does not say.
+def check_checkpoint(name_or_path: str | Path, tokenizer=None, trust_remote_code: bool = False) -> None:
+    """What can be known of a local checkpoint before its weights load, from its config and safetensors headers
+    alone: the folder is whole (:func:`surgery.checkpoint.validate_model_folder`), its config builds a causal LM
+    whose every parameter a stored tensor provides, and ``tokenizer`` (when given) has no more ids than that
+    model's embedding rows. A run that loads a model later (a heal's teacher, a distillation's models) calls this
+    first, so that it refuses before it writes anything. A hub id is not checked (nothing is local yet); neither
+    is the architecture of a model with custom code (``trust_remote_code``).
 
     Raises:
-        SurgeryError: the tokenizer has more ids than the config's ``vocab_size``.
+        SurgeryError: a broken folder, a config no causal LM is built from, missing weights, a tokenizer that does
+            not fit.
     """
-    rows = _declared_rows(name_or_path)
-    if rows is not None:
-        check_tokenizer_fits(rows, tokenizer, name_or_path)
+    from transformers import AutoConfig
+
+    from surgery.checkpoint import CheckpointReader, validate_model_folder
+    from surgery.transplant.streaming import check_weights_stored, model_skeleton
+
+    folder = Path(resolve(name_or_path)).expanduser()
+    if not folder.is_dir():
+        return
+    validate_model_folder(folder)
+    if trust_remote_code:
+        return
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise SurgeryError(f"could not read the config of {str(name_or_path)!r}: {type(e).__name__}",
+                           "pass a Hugging Face causal-LM folder (config.json + safetensors)") from e
+    skeleton = model_skeleton(config)
+    check_weights_stored(skeleton, CheckpointReader(folder).keys, name_or_path)
+    if tokenizer is not None:
+        check_tokenizer_fits(skeleton.get_input_embeddings().num_embeddings, tokenizer, name_or_path)
 
 
 def default_device() -> torch.device:

@@ -140,10 +140,33 @@ def model_b_with_tokenizer_a(w, d):
     return m
 
 
-def distill_yaml_with_foreign_tokenizer(side: str):
-    """A distill recipe whose student or teacher is :func:`model_b_with_tokenizer_a`."""
+def model_missing_a_tensor(w, d):
+    """Model A without one of its layers' tensors, in its shard and its index alike (a consistent checkpoint that
+    lacks a weight): transformers would fill it at random."""
+    from safetensors.torch import load_file, save_file
+
+    m = _copy(w["a"], d / "partial")
+    s = _shard(m)
+    t = load_file(str(s))
+    key = next(k for k in t if "layers.1.mlp.up_proj" in k)
+    del t[key]
+    save_file(t, str(s), metadata={"format": "pt"})
+    for index in m.glob("*.safetensors.index.json"):
+        data = json.loads(index.read_text())
+        del data["weight_map"][key]
+        index.write_text(json.dumps(data))
+    return m
+
+
+def encoder_model(w, d):
+    """The shipped MiniLM: a BERT encoder, which transformers loads as a causal LM with a randomly made head."""
+    return asset_dir("minilm")
+
+
+def distill_yaml_with(side: str, make_model):
+    """A distill recipe whose student (model A) or teacher (model B) is replaced by what ``make_model`` makes."""
     def make(w, d):
-        m = model_b_with_tokenizer_a(w, d)
+        m = make_model(w, d)
         text = distill_yaml(w, d)
         old = f"student:\n  model: {w['a']}" if side == "student" else f"  - model: {w['b']}"
         assert old in text
@@ -247,6 +270,9 @@ CASES = [
       model_with_corrupt_tokenizer, "tokenizer"),
     c("eval-tokenizer-does-not-fit", lambda w, d, m: ["eval", str(w[B]), "--tokenizer", str(w["tok_a"]), "--text",
                                                       str(w[TXT])], match="rows"),
+    c("eval-model-missing-a-tensor", lambda w, d, m: ["eval", str(m), "--text", str(w[TXT])], model_missing_a_tensor,
+      "up_proj.* would be random"),
+    c("eval-encoder", lambda w, d, m: ["eval", str(m), "--text", str(w[TXT])], encoder_model, "would be random"),
     c("eval-empty-text", lambda w, d, m: ["eval", str(w[A]), "--text", str(w["empty"])], match="empty"),
     c("eval-non-utf8-text", lambda w, d, m: ["eval", str(w[A]), "--text", str(w["latin1"])], match="utf-8",
       subprocess=True),
@@ -302,6 +328,9 @@ CASES = [
     c("transplant-base-tokenizer-does-not-fit", lambda w, d, m: ["transplant", str(m), str(w["tok_b"]),
                                                                  str(d / "out"), "--method", "mean"],
       model_b_with_tokenizer_a, "rows"),
+    c("transplant-base-missing-a-tensor", lambda w, d, m: ["transplant", str(m), str(w["tok_b"]), str(d / "out"),
+                                                           "--method", "mean"], model_missing_a_tensor,
+      "would be random"),
     c("transplant-existing-output", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(m), "--method",
                                                      "mean"], existing_dir, "already exists"),
     c("transplant-output-is-the-model", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(w[A]),
@@ -358,6 +387,12 @@ CASES = [
     c("heal-tokenizer-does-not-fit", lambda w, d, m: ["heal", str(m), "--text", str(w[TXT]), "--steps", "1",
                                                       "--teacher", "none", "--train-rows", "all", "--out",
                                                       str(d / "out")], model_b_with_tokenizer_a, "rows"),
+    c("heal-encoder-teacher", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "3", "--teacher",
+                                               str(m), "--train-rows", "all", "--out", str(d / "out")],
+      encoder_model, "would be random"),
+    c("heal-teacher-missing-a-tensor", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "3",
+                                                        "--teacher", str(m), "--train-rows", "all", "--out",
+                                                        str(d / "out")], model_missing_a_tensor, "would be random"),
     # ---------------------------------------------------------------- distill
     c("distill-missing-yaml", lambda w, d, m: ["distill", "--config", str(d / "none.yaml")], match="does not exist"),
     c("distill-corrupt-yaml", lambda w, d, m: ["distill", "--config", str(m)], yaml_file("student: [unclosed\n  x: :"),
@@ -365,9 +400,17 @@ CASES = [
     c("distill-unknown-key", lambda w, d, m: ["distill", "--config", str(m)],
       lambda w, d: yaml_file(distill_yaml(w, d, extra="colour: blue\n"))(w, d), "colour", subprocess=True),
     c("distill-student-tokenizer-does-not-fit", lambda w, d, m: ["distill", "--config", str(m)],
-      distill_yaml_with_foreign_tokenizer("student"), "rows"),
+      distill_yaml_with("student", model_b_with_tokenizer_a), "rows"),
     c("distill-teacher-tokenizer-does-not-fit", lambda w, d, m: ["distill", "--config", str(m)],
-      distill_yaml_with_foreign_tokenizer("teacher"), "rows"),
+      distill_yaml_with("teacher", model_b_with_tokenizer_a), "rows"),
+    c("distill-nan-student", lambda w, d, m: ["distill", "--config", str(m)], distill_yaml_with("student", nan_model),
+      "nan"),
+    c("distill-nan-teacher", lambda w, d, m: ["distill", "--config", str(m)], distill_yaml_with("teacher", nan_model),
+      "nan"),
+    c("distill-truncated-teacher", lambda w, d, m: ["distill", "--config", str(m)],
+      distill_yaml_with("teacher", truncated_model), "truncated"),
+    c("distill-encoder-teacher", lambda w, d, m: ["distill", "--config", str(m)],
+      distill_yaml_with("teacher", encoder_model), "would be random"),
     c("distill-steps-0", lambda w, d, m: ["distill", "--config", str(m)],
       lambda w, d: yaml_file(distill_yaml(w, d, steps=0))(w, d), "steps"),
     c("distill-lr-nan", lambda w, d, m: ["distill", "--config", str(m), "train.lr=nan"],

@@ -220,25 +220,39 @@ def _resume(ckpt: Path, model, policy, env, metrics_path: Path) -> tuple[int, in
     return step, position
 
 
+def _unclaim_dir(out: Path, trash: Path | None) -> None:
+    """Undo :func:`_claim_dir` for a fresh run whose models failed to load: its folder goes, and the folder it
+    replaced (``--overwrite``) comes back."""
+    shutil.rmtree(out, ignore_errors=True)
+    if trash is not None and trash.exists():
+        os.replace(trash, out)
+        LOG.info("the run's models did not load: %s is back as it was", out)
+
+
 def _run(cfg: DistillConfig, env, resume: bool, overwrite: bool, t_start: float) -> RunResult:
-    tr = cfg.train
     out, ckpt, replaced = _prepare_run_dir(cfg, resume, overwrite)
     dd.barrier(env)  # every rank has looked at the folder before rank 0 changes it
     blocks, order, heldout = _inputs(cfg, env)
-    from surgery.loading import check_tokenizer_fits_config, load_tokenizer
+    from surgery.loading import check_checkpoint, load_tokenizer
     from surgery.vocab.surfaces import canonical_vocabulary
 
     s_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.model, trust_remote_code=cfg.student.trust_remote_code)
-    check_tokenizer_fits_config(cfg.student.model, s_tok)
+    check_checkpoint(cfg.student.model, s_tok, cfg.student.trust_remote_code)
     s_vocab = canonical_vocabulary(s_tok, cfg.student.tokenizer or cfg.student.model)
-    sides = [] if cfg.loss.name == "ce" else teacher_sides(cfg, s_vocab)  # bad alignments fail before any write
+    sides = [] if cfg.loss.name == "ce" else teacher_sides(cfg, s_vocab)  # bad alignments or checkpoints: no write
     trash = _claim_dir(cfg, out, replaced, env)
+    tr = cfg.train
     _set_runtime(tr)
     device = env.device
     autocast = autocast_factory(device, use_bf16(tr.precision, device))
-    policy = load_student(cfg, device, s_tok)
-    teachers = [] if cfg.loss.name == "ce" else load_teachers(cfg, s_vocab, sides, device, blocks,
-                                                               blocks_fingerprint(blocks), out, env)
+    try:  # a model that fails to load (NaN, truncated, out of memory) leaves no run folder behind
+        policy = load_student(cfg, device, s_tok)
+        teachers = [] if cfg.loss.name == "ce" else load_teachers(cfg, s_vocab, sides, device, blocks,
+                                                                   blocks_fingerprint(blocks), out, env)
+    except BaseException:
+        if env.is_main and ckpt is None:
+            _unclaim_dir(out, trash)
+        raise
     model = dd.wrap(policy.model, env, cfg.distributed.strategy)
     policy.attach(model)
     metrics_path = out / "metrics.jsonl"

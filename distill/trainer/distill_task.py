@@ -30,16 +30,16 @@ LOG = logging.getLogger(__name__)
 
 def teacher_sides(cfg: DistillConfig, s_vocab) -> list[tuple]:
     """``(tokenizer, vocabulary, saved projection or None)`` of each teacher: cheap, and it reads every
-    alignment file and checks each tokenizer against its model's config, so a bad one is reported before anything
-    is written."""
-    from surgery.loading import check_tokenizer_fits_config, load_tokenizer
+    alignment file and checks each teacher's checkpoint (:func:`surgery.loading.check_checkpoint`), so a bad one is
+    reported before anything is written."""
+    from surgery.loading import check_checkpoint, load_tokenizer
     from surgery.vocab.store import load_alignment
     from surgery.vocab.surfaces import canonical_vocabulary
 
     out = []
     for tc in cfg.teachers:
         tok = load_tokenizer(tc.tokenizer or tc.model, trust_remote_code=tc.trust_remote_code)
-        check_tokenizer_fits_config(tc.model, tok)
+        check_checkpoint(tc.model, tok, tc.trust_remote_code)
         vocab = canonical_vocabulary(tok, tc.tokenizer or tc.model)
         out.append((tok, vocab, load_alignment(tc.alignment, s_vocab, vocab) if tc.alignment else None))
     return out

@@ -59,7 +59,9 @@ def match_keys(names: list[str], keys: list[str]) -> dict[str, str]:
 
     A name found as is wins; otherwise the longest dotted suffix of the name that ends
     exactly one checkpoint key (``model.language_model.embed_tokens.weight`` ↔
-    ``language_model.model.embed_tokens.weight`` through ``embed_tokens.weight``).
+    ``language_model.model.embed_tokens.weight`` through ``embed_tokens.weight``). A suffix keeps every index
+    of the name (``model.layers.1.mlp.up_proj.weight`` never matches layer 0's tensor through
+    ``mlp.up_proj.weight`` when layer 1's is missing).
 
     Returns:
         ``{name: key}`` for every name that could be matched.
@@ -73,6 +75,8 @@ def match_keys(names: list[str], keys: list[str]) -> dict[str, str]:
     for n in names:
         parts = n.split(".")
         for i in range(len(parts)):
+            if i and parts[i - 1].isdigit():  # the suffix would drop an index: another layer's tensor
+                break
             hits = by_suffix.get(".".join(parts[i:]), [])
             if n in hits:
                 out[n] = n
@@ -83,6 +87,56 @@ def match_keys(names: list[str], keys: list[str]) -> dict[str, str]:
             if len(hits) > 1:
                 break
     return out
+
+
+def _renamed_keys(skeleton, keys: list[str]) -> list[str] | None:
+    """Checkpoint tensor names ``keys`` as transformers renames them when it loads ``skeleton``'s architecture (its
+    legacy renames, e.g. ``LayerNorm.gamma`` → ``LayerNorm.weight``), or ``None`` where it converts tensors (merges
+    per-expert tensors into one, splits fused ones: Mixtral, Qwen2-MoE) or its mapping cannot be read: then names
+    and parameters cannot be compared before loading."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+
+        transforms = get_model_conversion_mapping(skeleton)
+        if any(isinstance(t, WeightConverter) for t in transforms):
+            return None
+        out = []
+        for k in keys:
+            for t in transforms:
+                k, _ = t.rename_source_key(k)
+            out.append(k)
+        return out
+    except Exception:  # another transformers version: no judgement before loading
+        return None
+
+
+def check_weights_stored(skeleton, keys: list[str], name) -> None:
+    """Refuse a checkpoint (tensor names ``keys``) that provides not every parameter of ``skeleton`` (tied ones
+    once; names matched by :func:`match_keys` after transformers' own renames): transformers would initialize the
+    others at random. Not judged where transformers converts the architecture's tensors on load (the load itself
+    is checked then, :func:`surgery.loading.load_model`).
+
+    Raises:
+        SurgeryError: :func:`missing_weights_error`.
+    """
+    keys = _renamed_keys(skeleton, keys)
+    if keys is None:
+        return
+    names = [n for n, _ in skeleton.named_parameters()]
+    found = match_keys(names, keys)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise missing_weights_error(name, type(skeleton).__name__, missing)
+
+
+def missing_weights_error(name, architecture: str, missing: list[str]) -> SurgeryError:
+    """The error for checkpoint ``name`` lacking parameters ``missing`` of its ``architecture``."""
+    return SurgeryError(
+        f"{str(name)!r} lacks {len(missing)} weight(s) its architecture ({architecture}) needs, e.g. "
+        f"{', '.join(sorted(missing)[:3])}: they would be random",
+        "pass a complete causal-LM checkpoint (a language model with its head, not an encoder or a partial save)",
+    )
 
 
 def _module_name(model, module) -> str:

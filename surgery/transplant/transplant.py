@@ -332,7 +332,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
 
     from surgery.checkpoint import CheckpointReader, atomic_output_dir, check_output_free, save_generation_config
     from surgery.loading import check_tokenizer_fits, checkpoint_folder, load_tokenizer, parse_dtype
-    from surgery.transplant.streaming import embedding_keys, model_skeleton
+    from surgery.transplant.streaming import check_weights_stored, embedding_keys, model_skeleton
 
     cfg = config or TransplantConfig()
     t0 = time.time()
@@ -357,6 +357,10 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     from surgery.transplant.body_copy import BodyWriter
     from surgery.transplant.heal import ROWS_FILE, rows_file_content
 
+    check_weights_stored(skeleton, reader.keys, model_path)
+    old_tok = load_tokenizer(old_tokenizer or folder)
+    check_tokenizer_fits(reader.shape(emb_key)[0], old_tok, model_path)
+
     with atomic_output_dir(out, overwrite) as tmp:
         # the body is written from now on, beside everything else (old tokenizer, embedding, rows; read by the
         # calibration forward); any error below cancels it and the temporary folder goes
@@ -364,8 +368,6 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
         body = BodyWriter(reader, [(k, _body_dtype(reader.dtype(k), convert), reader.shape(k)) for k in body_keys],
                           tmp, max_shard_bytes, convert, copy_unread=wants_offsets)
         try:
-            old_tok = load_tokenizer(old_tokenizer or folder)
-            check_tokenizer_fits(reader.shape(emb_key)[0], old_tok, model_path)
             donor_in = None
             if cfg.method == "omp":
                 dfolder = checkpoint_folder(cfg.donor)

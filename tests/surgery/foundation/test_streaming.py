@@ -395,3 +395,63 @@ def test_nan_in_the_body_found_when_it_is_copied_unread(tmp_path, toks, name):
     with pytest.raises(SurgeryError, match=f"{name}.*NaN or inf"):
         transplant_checkpoint(str(base), str(new_tok_dir(tmp_path, new_tok)), str(out), cfg, progress=False)
     _no_output(tmp_path, out)
+
+
+def test_match_keys_matches_prefixes_apart_but_never_another_layers_tensor():
+    """Against the rule written out: a name matches itself, else the one key that ends with its longest suffix that
+    keeps every index; several keys with that suffix, or none, leave it unmatched."""
+    from surgery.transplant.streaming import match_keys
+
+    keys = ["language_model.model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"]
+    names = ["model.language_model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+             "model.layers.1.mlp.up_proj.weight", "model.language_model.layers.1.self_attn.q_proj.weight",
+             "model.norm.weight", "lm_head.weight"]
+    assert match_keys(names, keys) == {
+        "model.language_model.embed_tokens.weight": "language_model.model.embed_tokens.weight",
+        "model.layers.0.mlp.up_proj.weight": "model.layers.0.mlp.up_proj.weight",
+        # layer 1's up_proj is missing: layer 0's is the only key ending in mlp.up_proj.weight, and still no match
+        "model.language_model.layers.1.self_attn.q_proj.weight": "model.layers.1.self_attn.q_proj.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+
+
+def test_a_base_that_lacks_a_layer_tensor_is_refused_before_anything_is_written(tmp_path):
+    """A consistent checkpoint (index and shard agree) without layer 1's up_proj: transformers would make it at
+    random; the streamed transplant refuses it by name and writes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    old_tok, new_tok = byte_level_toy(320), sentencepiece_toy(150)
+    base = _base(tmp_path, old_tok, shard=10**9)
+    index = json.loads((base / INDEX_NAME).read_text())
+    key = "model.layers.1.mlp.up_proj.weight"
+    shard = base / index["weight_map"].pop(key)
+    tensors = load_file(str(shard))
+    del tensors[key]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (base / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(SurgeryError, match=r"lacks 1 weight\(s\) .*model\.layers\.1\.mlp\.up_proj\.weight"):
+        transplant_checkpoint(str(base), str(new_tok_dir(tmp_path, new_tok)), str(tmp_path / "out"),
+                              TransplantConfig(method="mean"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_stored_weights_check_leaves_tensors_transformers_converts_to_the_load():
+    """Mixtral's checkpoints store one tensor per expert, which transformers merges into one parameter on load: the
+    names cannot be compared before loading, so the check stands aside (the load's own report decides); a Llama
+    checkpoint without a tensor is refused."""
+    from transformers import AutoConfig
+
+    from surgery.transplant.streaming import check_weights_stored, model_skeleton
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=100)
+    mixtral = model_skeleton(AutoConfig.for_model("mixtral", num_local_experts=2, **small))
+    stored = [n for n, _ in mixtral.named_parameters() if ".experts." not in n]
+    stored += [f"model.layers.0.block_sparse_moe.experts.{e}.w{i}.weight" for e in range(2) for i in (1, 2, 3)]
+    check_weights_stored(mixtral, stored, "mixtral")
+    llama = model_skeleton(AutoConfig.for_model("llama", **small))
+    names = [n for n, _ in llama.named_parameters()]
+    check_weights_stored(llama, names, "llama")
+    with pytest.raises(SurgeryError, match=r"lacks 1 weight\(s\) its architecture \(LlamaForCausalLM\)"):
+        check_weights_stored(llama, [n for n in names if "norm.weight" != n.split("model.")[-1]], "llama")
