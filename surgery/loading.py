@@ -154,6 +154,21 @@ def check_tokenizer_fits(model, tokenizer, name: str | Path) -> None:
         )
 
 
+def read_config(folder: str | Path, name: str | Path | None = None):
+    """The transformers config of checkpoint ``folder`` (``name``: how the user named it, for the message).
+
+    Raises:
+        SurgeryError: it cannot be read.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise SurgeryError(f"could not read the config of {str(name or folder)!r}: {type(e).__name__}",
+                           "pass a Hugging Face causal-LM folder (config.json + safetensors)") from e
+
+
 def check_checkpoint(name_or_path: str | Path, tokenizer=None, trust_remote_code: bool = False) -> None:
     """What can be known of a local checkpoint before its weights load, from its config and safetensors headers
     alone: the folder is whole (:func:`surgery.checkpoint.validate_model_folder`), its config builds a causal LM
@@ -166,8 +181,6 @@ def check_checkpoint(name_or_path: str | Path, tokenizer=None, trust_remote_code
         SurgeryError: a broken folder, a config no causal LM is built from, missing weights, a tokenizer that does
             not fit.
     """
-    from transformers import AutoConfig
-
     from surgery.checkpoint import CheckpointReader, validate_model_folder
     from surgery.transplant.streaming import check_weights_stored, model_skeleton
 
@@ -177,12 +190,7 @@ def check_checkpoint(name_or_path: str | Path, tokenizer=None, trust_remote_code
     validate_model_folder(folder)
     if trust_remote_code:
         return
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-    except Exception as e:
-        raise SurgeryError(f"could not read the config of {str(name_or_path)!r}: {type(e).__name__}",
-                           "pass a Hugging Face causal-LM folder (config.json + safetensors)") from e
-    skeleton = model_skeleton(config)
+    skeleton = model_skeleton(read_config(folder, name_or_path))
     check_weights_stored(skeleton, CheckpointReader(folder).keys, name_or_path)
     if tokenizer is not None:
         check_tokenizer_fits(skeleton.get_input_embeddings().num_embeddings, tokenizer, name_or_path)

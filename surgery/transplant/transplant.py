@@ -328,10 +328,10 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     """
     from types import SimpleNamespace
 
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     from surgery.checkpoint import CheckpointReader, atomic_output_dir, check_output_free, save_generation_config
-    from surgery.loading import check_tokenizer_fits, checkpoint_folder, load_tokenizer, parse_dtype
+    from surgery.loading import check_tokenizer_fits, checkpoint_folder, load_tokenizer, parse_dtype, read_config
     from surgery.transplant.streaming import check_weights_stored, embedding_keys, model_skeleton
 
     cfg = config or TransplantConfig()
@@ -342,11 +342,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
     _check_method_inputs(cfg, new_tok, tokenizer_path)
     folder = checkpoint_folder(model_path)
     reader = CheckpointReader(folder)  # every header and the index checked: a broken checkpoint fails here
-    try:
-        mcfg = AutoConfig.from_pretrained(str(folder))
-    except Exception as e:
-        raise SurgeryError(f"could not read the config of {str(model_path)!r}: {type(e).__name__}",
-                           "pass a Hugging Face causal-LM folder (config.json + safetensors)") from e
+    mcfg = read_config(folder, model_path)
     skeleton = model_skeleton(mcfg)
     emb_key, head_key, kind, head_name = embedding_keys(skeleton, reader)
     store = reader.dtype(emb_key)
@@ -372,7 +368,7 @@ def transplant_checkpoint(model_path: str, tokenizer_path: str, out: str, config
             if cfg.method == "omp":
                 dfolder = checkpoint_folder(cfg.donor)
                 dreader = CheckpointReader(dfolder)
-                dkey = embedding_keys(model_skeleton(AutoConfig.from_pretrained(str(dfolder))), dreader)[0]
+                dkey = embedding_keys(model_skeleton(read_config(dfolder, cfg.donor)), dreader)[0]
                 donor_in = _float_copy(dreader, dkey)
             # NaN/inf checked as read, before the rows; in the stored dtype (build_matrix upcasts column blocks)
             held = [_stored_copy(reader, emb_key), _stored_copy(reader, head_key) if kind == "untied" else None]
