@@ -258,6 +258,8 @@ def c(id, argv, make=None, match="", **kw):
 
 
 A, B, TXT = "a", "b", "text"
+LM_EVAL_TASK = ["--tasks", "nextsent_en", "--include-path",
+                str(Path(__file__).resolve().parents[1] / "artifacts" / "tasks" / "nextsent")]
 CASES = [
     # ---------------------------------------------------------------- eval
     c("eval-missing-model", lambda w, d, m: ["eval", str(d / "nope"), "--text", str(w[TXT])], match="does not exist"),
@@ -393,6 +395,16 @@ CASES = [
     c("heal-teacher-missing-a-tensor", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "3",
                                                         "--teacher", str(m), "--train-rows", "all", "--out",
                                                         str(d / "out")], model_missing_a_tensor, "would be random"),
+    # ---------------------------------------------------------------- lm-eval
+    c("lm-eval-missing-model", lambda w, d, m: ["lm-eval", "--model", str(d / "nope"), *LM_EVAL_TASK,
+                                                "--output", str(d / "r.json")], match="does not exist"),
+    c("lm-eval-nan-weights", lambda w, d, m: ["lm-eval", "--model", str(m), *LM_EVAL_TASK, "--output",
+                                              str(d / "r.json")], nan_model, "nan"),
+    c("lm-eval-tokenizer-does-not-fit", lambda w, d, m: ["lm-eval", "--model", str(w[A]), "--model", str(m),
+                                                         *LM_EVAL_TASK, "--output", str(d / "r.json")],
+      model_b_with_tokenizer_a, "rows"),
+    c("lm-eval-encoder", lambda w, d, m: ["lm-eval", "--model", str(m), *LM_EVAL_TASK, "--output",
+                                          str(d / "r.json")], encoder_model, "would be random"),
     # ---------------------------------------------------------------- distill
     c("distill-missing-yaml", lambda w, d, m: ["distill", "--config", str(d / "none.yaml")], match="does not exist"),
     c("distill-corrupt-yaml", lambda w, d, m: ["distill", "--config", str(m)], yaml_file("student: [unclosed\n  x: :"),
@@ -495,7 +507,8 @@ def test_bad_input(case: Case, world, tmp_path, capsys):
     assert after == before, f"written or changed: {sorted(set(after.items()) ^ set(before.items()))[:5]}"
 
 
-COMMANDS = {"eval", "align", "transplant", "heal", "distill", "generate", "ensemble", "supertokens", "tokenizer-report"}
+COMMANDS = {"eval", "align", "transplant", "heal", "distill", "generate", "ensemble", "supertokens", "tokenizer-report",
+            "lm-eval"}
 
 
 def test_catalogue_covers_every_command():
@@ -503,6 +516,7 @@ def test_catalogue_covers_every_command():
 
     commands = set(build_parser()._subparsers._group_actions[0].choices)
     assert COMMANDS <= commands
-    covered = {"tokenizer-report" if c.id.startswith("report-") else c.id.split("-")[0] for c in CASES}
+    covered = {"tokenizer-report" if c.id.startswith("report-") else "lm-eval" if c.id.startswith("lm-eval-")
+               else c.id.split("-")[0] for c in CASES}
     assert covered == COMMANDS
     assert len(CASES) >= 40
