@@ -158,6 +158,16 @@ def model_missing_a_tensor(w, d):
     return m
 
 
+def rows_file(content: str):
+    """Model A with a transplant rows file holding ``content`` (``{rows}``: A's embedding rows)."""
+    def make(w, d):
+        m = _copy(w["a"], d / "withrows")
+        rows = json.loads((m / "config.json").read_text())["vocab_size"]
+        (m / "transplant_rows.json").write_text(content.replace("{rows}", str(rows)))
+        return m
+    return make
+
+
 def encoder_model(w, d):
     """The shipped MiniLM: a BERT encoder, which transformers loads as a causal LM with a randomly made head."""
     return asset_dir("minilm")
@@ -389,6 +399,15 @@ CASES = [
     c("heal-tokenizer-does-not-fit", lambda w, d, m: ["heal", str(m), "--text", str(w[TXT]), "--steps", "1",
                                                       "--teacher", "none", "--train-rows", "all", "--out",
                                                       str(d / "out")], model_b_with_tokenizer_a, "rows"),
+    c("heal-corrupt-rows-file", lambda w, d, m: ["heal", str(m), "--text", str(w[TXT]), "--steps", "1", "--teacher",
+                                                 "none", "--out", str(d / "out")], rows_file('{"n_rows": 5, "cop'),
+      "transplant_rows.json.* not a valid row list"),
+    c("heal-rows-file-out-of-range", lambda w, d, m: ["heal", str(m), "--text", str(w[TXT]), "--steps", "1",
+                                                      "--teacher", "none", "--out", str(d / "out")],
+      rows_file('{"n_rows": {rows}, "copied": [[0, 10], [40, 999999]]}'), "not a valid row list"),
+    c("heal-rows-file-of-another-transplant", lambda w, d, m: ["heal", str(m), "--text", str(w[TXT]), "--steps", "1",
+                                                               "--teacher", "none", "--out", str(d / "out")],
+      rows_file('{"n_rows": 128256, "copied": [[0, 10]]}'), "describes 128256 rows but the model beside it has"),
     c("heal-encoder-teacher", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "3", "--teacher",
                                                str(m), "--train-rows", "all", "--out", str(d / "out")],
       encoder_model, "would be random"),

@@ -142,13 +142,13 @@ def heal_checkpoint(model_path: str, text_paths: list[str], out: str, config, ov
     texts = read_texts(text_paths)
     eval_text = read_text(eval_path) if eval_path else None
     src = Path(model_path)
-    copied = read_copied_rows(src) if src.is_dir() else None
     from distill.teaching import heal_teacher_task, resolve_teacher
 
     tok = load_tokenizer(model_path)  # a missing or broken MODEL is reported as such first
     teacher = resolve_teacher(config.teacher, src)  # before any model is loaded
     model = load_model(model_path, dtype=dtype or torch.float32)
     check_tokenizer_fits(model, tok, model_path)
+    copied = read_copied_rows(src, model.get_input_embeddings().num_embeddings) if src.is_dir() else None
     task = heal_teacher_task(teacher, tok, texts, config, student=model) if teacher else None
     sdir = state_dir_for(out)
     if not resume and sdir.exists():
