@@ -53,16 +53,34 @@ def save_state(run_dir: Path, step: int, model, policy, env, strategy: str, extr
     dd.barrier(env)
 
 
-def load_state(path: Path, model, policy, env) -> dict:
-    """Load a checkpoint into ``model`` / ``policy`` and this rank's RNGs; returns the trainer state dict."""
+def read_state(path: Path) -> dict:
+    """The trainer state of checkpoint ``path``, read as plain data (``weights_only=True``: a pickle of anything
+    but tensors, numbers, strings and containers is refused, never run).
+
+    Raises:
+        SurgeryError: the file is missing, truncated, foreign or not plain data.
+    """
+    try:
+        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, e: Exception) -> SurgeryError:
+    return SurgeryError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__})",
+                        "delete that checkpoint folder to resume from an earlier one, or start over")
+
+
+def load_state(path: Path, model, policy, env, state: dict | None = None) -> dict:
+    """Load a checkpoint into ``model`` / ``policy`` and this rank's RNGs; returns the trainer state dict
+    (``state``: the one :func:`read_state` already read)."""
     from safetensors.torch import load_file
 
+    st = state if state is not None else read_state(path)
     try:
         msd = load_file(str(path / "trainable.safetensors"))
-        st = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise SurgeryError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__})",
-                           "delete that checkpoint folder to resume from an earlier one, or start over") from e
+    except Exception as e:
+        raise _unreadable(path, e) from e
     if st.get("world_size", 1) != env.world_size:
         raise SurgeryError(f"checkpoint {str(path)!r} was written with {st['world_size']} processes, now "
                            f"{env.world_size}", "resume with the same --nproc_per_node")

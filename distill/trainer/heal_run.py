@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from distill.distributed import DistEnv
-from distill.trainer.checkpoint import checkpoint_dirs, load_state, save_state
+from distill.trainer.checkpoint import checkpoint_dirs, load_state, read_state, save_state
 from distill.trainer.loop import LoopSpec, autocast_factory, fit, use_bf16
 from distill.trainer.metrics import heldout_bpb
 from distill.trainer.policy import LoraSpec, ParamSpec, Policy
@@ -124,15 +124,24 @@ def param_spec(cfg, n_rows: int, frozen_rows: np.ndarray | None) -> ParamSpec:
                      weight_decay=cfg.weight_decay, lora=lora)
 
 
+# what a resumed heal may change: its budget, how often it checkpoints and evaluates, where it runs, and its teacher
+# (a teacher that failed to load can be replaced, or dropped); the rest defines the saved state and the data order
+HEAL_RESUMABLE = ("steps", "minutes", "checkpoint_every", "eval_every", "device", "teacher", "teacher_dtype")
+
+
 def _resume(state_dir: Path | None, model, policy, env, task, cfg) -> tuple[int, float, list]:
     ckpts = checkpoint_dirs(state_dir) if state_dir else []
     if not ckpts:
         raise SurgeryError(f"nothing to resume: no heal state under {str(state_dir)!r}", "run without --resume first")
-    st = load_state(ckpts[-1], model, policy, env)
-    budget = ("steps", "minutes")
-    if {k: v for k, v in st["config"].items() if k not in budget} != \
-            {k: v for k, v in cfg.to_dict().items() if k not in budget}:
-        LOG.warning("resuming with a different heal config than the saved state")
+    st = read_state(ckpts[-1])
+    saved, now = st["config"], cfg.to_dict()
+    changed = {k: (saved.get(k), v) for k, v in now.items() if k not in HEAL_RESUMABLE and saved.get(k) != v}
+    if changed:
+        desc = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:6])
+        raise SurgeryError(f"--resume with a different heal config ({desc})",
+                           f"resume with the settings the heal started with (only {', '.join(HEAL_RESUMABLE)} may "
+                           "change), or start afresh without --resume")
+    load_state(ckpts[-1], model, policy, env, st)
     task.gen.set_state(st["data_rng"])
     if hasattr(task, "replay"):  # a task that remembers which blocks it drew (TeacherTask) rebuilds that
         task.replay(int(st["step"]))

@@ -166,6 +166,38 @@ def test_heal_with_lora_merges_adapters(transplanted, tmp_path):
     assert any(not torch.equal(names[n], p) for n, p in body0.items())
 
 
+class _Payload:
+    """Anything but tensors, numbers, strings and containers: a pickle that would run code on load."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_resume_refuses_another_config_and_a_state_that_is_not_plain_data(transplanted, tmp_path):
+    """A resumed heal may change its budget and teacher, not what defines its state (here seq_len): one clear error.
+    Its trainer state loads with ``weights_only=True``: a pickle of anything else is refused, not run."""
+    src, text = transplanted
+    texts = [text.read_text()]
+    cfg = HealConfig(steps=2, seq_len=16, batch_size=2, warmup=0, checkpoint_every=1, device="cpu")
+    m, tok = _load(src)
+    heal(m, tok, texts, cfg, tmp_path / "s", read_copied_rows(src), progress=False)
+    m, tok = _load(src)  # a longer budget resumes
+    _, summary, _ = heal(m, tok, texts, HealConfig(**{**cfg.to_dict(), "steps": 3}), tmp_path / "s",
+                         read_copied_rows(src), resume=True, progress=False)
+    assert summary["steps"] == 3
+    m, tok = _load(src)
+    with pytest.raises(SurgeryError, match=r"different heal config \(seq_len: 16 → 32\)"):
+        heal(m, tok, texts, HealConfig(**{**cfg.to_dict(), "steps": 4, "seq_len": 32}), tmp_path / "s",
+             read_copied_rows(src), resume=True, progress=False)
+    state = sorted((tmp_path / "s" / "checkpoints").glob("step-*"))[-1] / "trainer_state.pt"
+    st = torch.load(state, weights_only=True)
+    torch.save({**st, "extra": _Payload()}, state)
+    m, tok = _load(src)
+    with pytest.raises(SurgeryError, match="unreadable"):
+        heal(m, tok, texts, HealConfig(**{**cfg.to_dict(), "steps": 4}), tmp_path / "s", read_copied_rows(src),
+             resume=True, progress=False)
+
+
 def test_heal_needs_row_list_and_enough_text(transplanted, tmp_path):
     src, text = transplanted
     m, tok = _load(src)
