@@ -75,6 +75,10 @@ def heal_teacher(name: str, student_tokenizer, loss_name: str, device, **loss_pa
     Returns:
         ``(teacher, student_vocab, loss_config)``: a :class:`distill.teachers.Teacher` with ``model=None``, the
         student's canonical vocabulary and the :class:`distill.losses.LossConfig` used.
+
+    Raises:
+        SurgeryError: the teacher's tokenizer cannot be loaded, or its checkpoint is broken, lacks weights or has
+            fewer embedding rows than the tokenizer has ids (:func:`surgery.loading.check_checkpoint`).
     """
     from distill.losses import LossConfig, build_context, make_loss
     from distill.teachers import Teacher
