@@ -54,6 +54,9 @@ def load_documents(source: str, fmt: str = "auto", text_field: str = "text", dat
     """
     p = Path(source).expanduser()
     if fmt == "auto":
+        if not p.exists() and (p.suffix in (".txt", ".jsonl", ".json") or source.startswith(("/", ".", "~"))):
+            raise SurgeryError(f"data file {str(p)!r} does not exist",  # a path, not a hub id: say so
+                               "check data.train / data.heldout")
         if p.is_file():
             fmt = "jsonl" if p.suffix in (".jsonl", ".json") else "text"
         else:
