@@ -8,6 +8,7 @@ fields (:mod:`surgery.config_flags`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -71,8 +72,8 @@ class TransplantConfig(Config):
         problems = []
         if self.top_k < 1:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:  # also catches NaN
+            problems.append(f"temperature must be a finite number > 0, got {self.temperature}")
         if not 0.0 <= self.global_weight <= 1.0:
             problems.append(f"global_weight must be in [0, 1], got {self.global_weight}")
         if not -1.0 <= self.threshold <= 1.0:
@@ -192,11 +193,11 @@ class HealConfig(Config):
             problems.append("give exactly one of steps and minutes")
         if self.steps is not None and self.steps < 1:
             problems.append(f"steps must be >= 1, got {self.steps}")
-        if self.minutes is not None and not self.minutes > 0:
-            problems.append(f"minutes must be > 0, got {self.minutes}")
+        if self.minutes is not None and not 0 < self.minutes < math.inf:
+            problems.append(f"minutes must be a finite number > 0, got {self.minutes}")
         for name in ("lr", "lora_lr", "all_lr"):
-            if not getattr(self, name) > 0:  # also catches NaN
-                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:  # also catches NaN
+                problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.lora_rank < 1:
             problems.append(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.seq_len < 8:

@@ -183,10 +183,16 @@ def test_numeric_options_all_reported_before_work():
     with pytest.raises(ConfigError) as e:
         HealConfig(steps=0, lr=float("nan"), batch_size=0, seq_len=2, negatives=-1, all_lr=-1.0)
     text = "; ".join(e.value.problems)
-    for part in ("steps must be >= 1", "lr must be > 0", "batch_size must be >= 1", "seq_len must be >= 8",
-                 "negatives must be >= 0", "all_lr must be > 0"):
+    for part in ("steps must be >= 1", "lr must be a finite number > 0", "batch_size must be >= 1",
+                 "seq_len must be >= 8", "negatives must be >= 0", "all_lr must be a finite number > 0"):
         assert part in text, part
     assert "\n" not in str(e.value)
+    inf = float("inf")  # an infinite learning rate, budget or temperature is refused too, not run
+    with pytest.raises(ConfigError) as e:
+        HealConfig(minutes=inf, lr=inf, lora_lr=inf)
+    assert [p.split(" must")[0] for p in e.value.problems] == ["minutes", "lr", "lora_lr"]
+    with pytest.raises(ConfigError, match="temperature must be a finite number > 0, got inf"):
+        TransplantConfig(temperature=inf)
     with pytest.raises(ConfigError, match="unknown key 'methd'"):
         TransplantConfig.from_dict({"methd": "mean"})
     assert HealConfig.from_dict({"steps": "3"}).steps == 3  # typed like YAML
