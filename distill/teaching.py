@@ -108,14 +108,13 @@ def load_teacher_weights(name: str, tokenizer, device, dtype=None) -> torch.nn.M
         SurgeryError: the weights do not fit in the device's memory (or cannot be loaded), or the tokenizer has
             more ids than they have embedding rows.
     """
-    from surgery.loading import check_tokenizer_fits, load_model
+    from surgery.loading import load_model
 
     try:
-        model = load_model(name, dtype=dtype or torch.float32, device=device)
+        model = load_model(name, dtype=dtype or torch.float32, device=device, tokenizer=tokenizer)
     except torch.OutOfMemoryError as e:
         raise SurgeryError(f"the teacher {name} does not fit in {device} memory beside the student ({e})",
                            TOO_BIG_HINT) from e
-    check_tokenizer_fits(model, tokenizer, name)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -86,12 +86,15 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    tokenizer=None,
 ):
     """Load a causal LM from an asset name, a local HF folder (sharded or not) or a hub id.
 
     Local folders are validated first (config present, weights present, safetensors
     headers readable) so that a broken folder gives one clear line; a checkpoint that lacks weights its
-    architecture needs (which transformers would initialize at random) and non-finite weights are refused.
+    architecture needs (which transformers would initialize at random), a ``tokenizer`` (when given: the one the
+    model will read) with more ids than its embedding rows (:func:`check_tokenizer_fits`) and non-finite weights
+    are refused.
 
     Returns:
         The model in eval mode on ``device`` (default CPU).
@@ -126,6 +129,8 @@ def load_model(
         from surgery.transplant.streaming import missing_weights_error
 
         raise missing_weights_error(src, type(model).__name__, missing)
+    if tokenizer is not None:
+        check_tokenizer_fits(model.get_input_embeddings().num_embeddings, tokenizer, name_or_path)
     from surgery.checkpoint import check_finite
 
     for name, t in model.state_dict().items():
@@ -136,17 +141,13 @@ def load_model(
     return model
 
 
-def check_tokenizer_fits(model, tokenizer, name: str | Path) -> None:
-    """Refuse a tokenizer with more ids than the model has embedding rows: its last ids would index past them
-    (an ``IndexError`` deep in the forward pass). More rows than ids is normal (padded vocabularies).
-
-    Args:
-        model: the model, or its number of embedding rows.
+def check_tokenizer_fits(rows: int, tokenizer, name: str | Path) -> None:
+    """Refuse a tokenizer with more ids than model ``name`` has embedding ``rows``: its last ids would index past
+    them (an ``IndexError`` deep in the forward pass). More rows than ids is normal (padded vocabularies).
 
     Raises:
         SurgeryError: naming the model and both sizes.
     """
-    rows = model if isinstance(model, int) else model.get_input_embeddings().num_embeddings
     if rows < len(tokenizer):
         raise SurgeryError(
             f"the tokenizer of {name} has {len(tokenizer)} tokens but the model's embedding has only {rows} rows",

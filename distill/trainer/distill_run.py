@@ -108,12 +108,11 @@ def param_spec(cfg: DistillConfig) -> ParamSpec:
 def load_student(cfg: DistillConfig, device, tokenizer=None) -> Policy:
     """The student with its policy applied (adapters added, trainable parameters selected); ``tokenizer``, when
     given, must fit its embedding."""
-    from surgery.loading import check_tokenizer_fits, load_model
+    from surgery.loading import load_model
 
     s = cfg.student
-    model = load_model(s.model, dtype=torch.float32, device=device, trust_remote_code=s.trust_remote_code)
-    if tokenizer is not None:
-        check_tokenizer_fits(model, tokenizer, s.model)
+    model = load_model(s.model, dtype=torch.float32, device=device, trust_remote_code=s.trust_remote_code,
+                       tokenizer=tokenizer)
     policy = Policy(model, param_spec(cfg))
     policy.model.train()
     return policy

@@ -77,10 +77,10 @@ def load_teachers(cfg: DistillConfig, s_vocab, sides: list[tuple], device, block
 
 def load_teacher_model(tc, tokenizer, device):
     """Teacher ``tc``'s model, frozen, on ``device``; ``tokenizer`` (its own) must fit its embedding."""
-    from surgery.loading import check_tokenizer_fits, load_model
+    from surgery.loading import load_model
 
-    model = load_model(tc.model, dtype=tc.dtype, device=device, trust_remote_code=tc.trust_remote_code)
-    check_tokenizer_fits(model, tokenizer, tc.model)
+    model = load_model(tc.model, dtype=tc.dtype, device=device, trust_remote_code=tc.trust_remote_code,
+                       tokenizer=tokenizer)
     model.eval()
     model.requires_grad_(False)
     return model

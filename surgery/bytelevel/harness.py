@@ -335,13 +335,11 @@ def build_lm(models: list[str], weights: list[float] | None = None, mode: str = 
     Returns:
         An :class:`lm_eval.api.model.LM`.
     """
-    from surgery.loading import check_tokenizer_fits, default_device, load_model, load_tokenizer
+    from surgery.loading import default_device, load_model, load_tokenizer
 
     dev = device or default_device()
     toks = [load_tokenizer(m) for m in models]
-    lms = [load_model(m, device=dev) for m in models]
-    for name, m, t in zip(models, lms, toks):
-        check_tokenizer_fits(m, t, name)
+    lms = [load_model(m, device=dev, tokenizer=t) for m, t in zip(models, toks)]
     if token_level:
         return TokenLevelLM(lms, toks, weights, mode, batch_size=batch_size, progress=progress)
     members = [ByteLM(m, t, mode=byte_mode) for m, t in zip(lms, toks)]

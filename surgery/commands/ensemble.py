@@ -36,14 +36,13 @@ def validate(args) -> None:
 
 
 def run(args) -> int:
-    from surgery.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from surgery.loading import load_model, load_tokenizer
 
     validate(args)
     dtype, device = model_options(args)
     toks = [load_tokenizer(m, trust_remote_code=args.trust_remote_code) for m in args.model]
-    models = [load_model(m, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code) for m in args.model]
-    for name, m, t in zip(args.model, models, toks):
-        check_tokenizer_fits(m, t, name)
+    models = [load_model(m, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code, tokenizer=t)
+              for m, t in zip(args.model, toks)]
     t0 = time.time()
     prompt = args.prompt.encode("utf-8")
     if args.token_level:

@@ -31,15 +31,14 @@ def add_arguments(p):
 def run(args) -> int:
     from surgery.errors import SurgeryError
     from surgery.evaluate import EvalOptions, bits_per_byte
-    from surgery.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from surgery.loading import load_model, load_tokenizer
     from surgery.textio import read_text
 
     EvalOptions(args.max_length, args.stride, args.batch_size).check()  # numeric options before any loading
     texts = [(t, read_text(t)) for t in args.text]  # validate all inputs before loading a model
     tok = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     dtype, device = model_options(args)
-    model = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    check_tokenizer_fits(model, tok, args.model)
+    model = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code, tokenizer=tok)
     rows = []
     for path, text in texts:
         t0 = time.time()

@@ -36,13 +36,12 @@ def validate(args) -> None:
 
 
 def run(args) -> int:
-    from surgery.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from surgery.loading import load_model, load_tokenizer
 
     validate(args)
     dtype, device = model_options(args)
     tok = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    check_tokenizer_fits(model, tok, args.model)
+    model = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code, tokenizer=tok)
     t0 = time.time()
     if args.bytes:
         from surgery.bytelevel import ByteLM

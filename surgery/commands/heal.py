@@ -134,7 +134,7 @@ def heal_checkpoint(model_path: str, text_paths: list[str], out: str, config, ov
 
     from distill.trainer import heal
     from surgery.checkpoint import check_output_free, save_checkpoint
-    from surgery.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from surgery.loading import load_model, load_tokenizer
     from surgery.textio import read_text, read_texts
     from surgery.transplant.heal import ROWS_FILE, read_copied_rows
 
@@ -146,8 +146,7 @@ def heal_checkpoint(model_path: str, text_paths: list[str], out: str, config, ov
 
     tok = load_tokenizer(model_path)  # a missing or broken MODEL is reported as such first
     teacher = resolve_teacher(config.teacher, src)  # before any model is loaded
-    model = load_model(model_path, dtype=dtype or torch.float32)
-    check_tokenizer_fits(model, tok, model_path)
+    model = load_model(model_path, dtype=dtype or torch.float32, tokenizer=tok)
     copied = read_copied_rows(src, model.get_input_embeddings().num_embeddings) if src.is_dir() else None
     task = heal_teacher_task(teacher, tok, texts, config, student=model) if teacher else None
     sdir = state_dir_for(out)
