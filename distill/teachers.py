@@ -14,6 +14,9 @@ one float per teacher token: :class:`TargetMemo` keeps them per training block t
 a block drawn again (a heal draws with replacement; a small corpus is read for several epochs) costs no teacher
 forward pass.
 
+Loading. :func:`load_frozen` loads a teacher's model for any trainer (heal or distill): frozen, in its dtype, its own
+tokenizer checked against its embedding, an out-of-memory error turned into one line with the caller's way out.
+
 Top-k cache. A large teacher need run only once: :class:`TopKCache` runs it
 over every training block, keeps the ``k`` largest logits per position with
 their ids, the exact log-partition and the per-position statistics above, and
@@ -112,6 +115,27 @@ class Teacher:
     model: torch.nn.Module | None = None  # None when every block is served from the cache
     cache: "TopKCache | None" = None
     memo: "TargetMemo | None" = None  # the teacher's next-token log-probs of blocks seen before (loss alm)
+
+
+def load_frozen(name: str, tokenizer, device, dtype="float32", trust_remote_code: bool = False,
+                too_big_hint: str | None = None) -> torch.nn.Module:
+    """A teacher's model, frozen (eval mode, no gradients), in ``dtype`` on ``device``; ``tokenizer`` is its own.
+
+    Raises:
+        SurgeryError: the weights do not fit in the device's memory (with ``too_big_hint``) or cannot be loaded,
+            or the tokenizer has more ids than they have embedding rows.
+    """
+    from surgery.loading import load_model
+
+    try:
+        model = load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                           tokenizer=tokenizer)
+    except torch.OutOfMemoryError as e:
+        raise SurgeryError(f"the teacher {name} does not fit in {device} memory beside the student ({e})",
+                           too_big_hint) from e
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 class TargetMemo:

@@ -102,22 +102,11 @@ TOO_BIG_HINT = ("heal with --teacher none (CE alone, the memory of one model), l
 
 
 def load_teacher_weights(name: str, tokenizer, device, dtype=None) -> torch.nn.Module:
-    """The teacher's model, frozen, in ``dtype`` (float32 by default) on ``device``; ``tokenizer`` is its own.
+    """The heal teacher's model (:func:`distill.teachers.load_frozen`, float32 unless ``dtype``), with the heal's way
+    out (:data:`TOO_BIG_HINT`) should it not fit."""
+    from distill.teachers import load_frozen
 
-    Raises:
-        SurgeryError: the weights do not fit in the device's memory (or cannot be loaded), or the tokenizer has
-            more ids than they have embedding rows.
-    """
-    from surgery.loading import load_model
-
-    try:
-        model = load_model(name, dtype=dtype or torch.float32, device=device, tokenizer=tokenizer)
-    except torch.OutOfMemoryError as e:
-        raise SurgeryError(f"the teacher {name} does not fit in {device} memory beside the student ({e})",
-                           TOO_BIG_HINT) from e
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return load_frozen(name, tokenizer, device, dtype or torch.float32, too_big_hint=TOO_BIG_HINT)
 
 
 def load_heal_teacher(name: str, student_tokenizer, loss_name: str, device, dtype=None, **loss_params):

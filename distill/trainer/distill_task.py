@@ -22,7 +22,8 @@ from distill.data import EncodedBatch, encode_blocks
 from distill.losses import ChunkedBatch, build_context, combine, make_loss
 from distill.losses.token_logp import balance_on_token_logp, mean_ce, token_log_probs
 from distill.teacher_dist import TeacherDist
-from distill.teachers import Teacher, TopKCache, build_cache, position_stats, teacher_score, teacher_weights
+from distill.teachers import (Teacher, TopKCache, build_cache, load_frozen, position_stats, teacher_score,
+                              teacher_weights)
 from surgery.errors import SurgeryError
 
 LOG = logging.getLogger(__name__)
@@ -75,15 +76,15 @@ def load_teachers(cfg: DistillConfig, s_vocab, sides: list[tuple], device, block
     return teachers
 
 
-def load_teacher_model(tc, tokenizer, device):
-    """Teacher ``tc``'s model, frozen, on ``device``; ``tokenizer`` (its own) must fit its embedding."""
-    from surgery.loading import load_model
+# what to do when a distillation teacher does not fit in memory
+TOO_BIG_HINT = ("load it in bfloat16 (teachers[i].dtype=bfloat16), run on a device with more memory, or pass a "
+                "smaller teacher")
 
-    model = load_model(tc.model, dtype=tc.dtype, device=device, trust_remote_code=tc.trust_remote_code,
-                       tokenizer=tokenizer)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+
+def load_teacher_model(tc, tokenizer, device):
+    """Teacher ``tc``'s model (:func:`distill.teachers.load_frozen` with its config's dtype and remote-code
+    setting); ``tokenizer`` (its own) must fit its embedding."""
+    return load_frozen(tc.model, tokenizer, device, tc.dtype, tc.trust_remote_code, TOO_BIG_HINT)
 
 
 def fit_vocab(logits: torch.Tensor, V: int) -> torch.Tensor:

@@ -258,6 +258,26 @@ def test_kl_needs_the_students_tokenizer(tmp_path, tiny_student, tiny_teacher, t
     assert _train(cfg).steps == 2
 
 
+def test_a_teacher_that_does_not_fit_in_memory_is_a_clear_error(tmp_path, tiny_student, tiny_teacher, tiny_text,
+                                                                 monkeypatch):
+    """torch's out-of-memory error while the teacher loads becomes one line naming it and the ways out; the run
+    folder is removed (nothing half-written)."""
+    import surgery.loading
+
+    real = surgery.loading.load_model
+
+    def no_room(name, *a, **kw):
+        if str(name) == str(tiny_teacher):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(surgery.loading, "load_model", no_room)
+    cfg = base_config(tmp_path / "run", tiny_student, tiny_teacher, tiny_text, data={"heldout": None})
+    with pytest.raises(SurgeryError, match=f"teacher {tiny_teacher} does not fit") as e:
+        _train(cfg)
+    assert "bfloat16" in e.value.hint and not (tmp_path / "run").exists()
+
+
 def test_output_dir_rules(tmp_path, tiny_student, tiny_teacher, tiny_text):
     cfg = base_config(tmp_path / "run", tiny_student, None, tiny_text, loss={"name": "ce"}, data={"heldout": None},
                       train={"steps": 1})
