@@ -161,26 +161,43 @@ def check_output_free(out: str | Path, overwrite: bool, inputs: tuple[str | Path
     Args:
         out: the output path.
         overwrite: whether an existing ``out`` may be replaced.
-        inputs: local input paths (models, tokenizers, texts); ``out`` may not be one of them, lie
-            inside one, or contain one, even with ``overwrite``.
+        inputs: the command's inputs (:func:`check_not_an_input`).
 
     Raises:
         SurgeryError: ``out`` exists without ``overwrite``, or overlaps an input.
     """
     out = Path(out).expanduser()
-    target = out.resolve()
+    check_not_an_input(out, inputs)
+    if out.exists() and not overwrite:
+        raise SurgeryError(f"output {str(out)!r} already exists", "pass --overwrite to replace it, or choose another path")
+
+
+def check_not_an_input(out: str | Path, inputs, hint: str = "write the output to a new path; inputs are never "
+                       "replaced") -> None:
+    """Refuse an output path that is one of ``inputs``, lies inside one, or contains one, even with ``--overwrite``
+    (replacing the output would delete the input; writing inside it would change it).
+
+    Args:
+        out: the output path.
+        inputs: local paths or shipped asset names of models, tokenizers, texts (an asset name stands for its folder;
+            None, hub ids and paths that do not exist are skipped).
+        hint: the way out shown with the error.
+
+    Raises:
+        SurgeryError: ``out`` overlaps an input.
+    """
+    from surgery.assets import resolve
+
+    target = Path(out).expanduser().resolve()
     for inp in inputs:
         if inp is None:
             continue
-        p = Path(inp).expanduser()
+        p = Path(resolve(str(inp))).expanduser()
         if not p.exists():
             continue
         p = p.resolve()
         if target == p or p in target.parents or target in p.parents:
-            raise SurgeryError(f"output {str(out)!r} overlaps the input {str(inp)!r}",
-                               "write the output to a new path; inputs are never replaced")
-    if out.exists() and not overwrite:
-        raise SurgeryError(f"output {str(out)!r} already exists", "pass --overwrite to replace it, or choose another path")
+            raise SurgeryError(f"output {str(out)!r} overlaps the input {str(inp)!r}", hint)
 
 
 def _unique_state_dict(model) -> dict[str, torch.Tensor]:

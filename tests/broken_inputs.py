@@ -171,6 +171,44 @@ def distill_yaml_with(side: str, make_model):
     return make
 
 
+def distill_yaml_writing_into(what: str):
+    """A distill recipe whose ``output_dir`` overlaps an input: ``student`` (a copy of model A is the student and
+    the output_dir), ``data`` (the folder that holds a copy of the train text), ``teacher`` (a folder inside model
+    B). Returns the recipe; every input stays as it was when the run is refused."""
+    def make(w, d):
+        text = distill_yaml(w, d)
+        if what == "student":
+            out = _copy(w["a"], d / "student")
+            text = text.replace(f"model: {w['a']}", f"model: {out}")
+        elif what == "data":
+            out = d / "data"
+            out.mkdir()
+            shutil.copy(w["text"], out / "train.txt")
+            text = text.replace(f"train: {w['text']}", f"train: {out / 'train.txt'}")
+        else:
+            out = Path(w["b"]) / "run"
+        return yaml_file(text.replace(f"output_dir: {d / 'run'}", f"output_dir: {out}"))(w, d)
+    return make
+
+
+def tokenizer_copy(w, d):
+    """A copy of tokenizer A (an alignment may not be written into it)."""
+    return _copy(w["tok_a"], d / "tok-a")
+
+
+def alignment_sidecar(w, d):
+    """An existing ``w.safetensors.json``: the metadata file an alignment written to ``w.safetensors`` would replace."""
+    p = d / "w.safetensors.json"
+    p.write_text("{}\n")
+    return d / "w.safetensors"
+
+
+def output_holding_the_text(w, d):
+    """An existing output folder that holds the heal's text (the text is the returned path)."""
+    (d / "out").mkdir()
+    return Path(shutil.copy(w["text"], d / "out" / "train.txt"))
+
+
 def text_dir(w, d):
     p = d / "adir.txt"
     p.mkdir()

@@ -23,11 +23,12 @@ from typing import Callable
 
 import pytest
 
-from broken_inputs import (alignment, build_world, corrupt_config, corrupt_tokenizer, corrupt_weights,
-                           distill_yaml, distill_yaml_with, encoder_model, existing_dir, existing_file,
-                           model_b_with_tokenizer_a, model_missing_a_tensor, model_with_corrupt_tokenizer, nan_model,
-                           no_config, rows_file, text_dir, truncated_model, truncated_tokenizer, unreadable_text,
-                           yaml_file)
+from broken_inputs import (alignment, alignment_sidecar, build_world, corrupt_config, corrupt_tokenizer,
+                           corrupt_weights, distill_yaml, distill_yaml_with, distill_yaml_writing_into, encoder_model,
+                           existing_dir, existing_file, model_b_with_tokenizer_a, model_missing_a_tensor,
+                           model_with_corrupt_tokenizer, nan_model, no_config, output_holding_the_text, rows_file,
+                           text_dir, tokenizer_copy, truncated_model, truncated_tokenizer, unreadable_text, yaml_file)
+from helpers import asset_dir
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,11 @@ CASES = [
       existing_file, "already exists"),
     c("align-output-is-a-folder", lambda w, d, m: ["align", str(w["tok_a"]), str(w["tok_b"]), "--out", str(m),
                                                    "--overwrite"], existing_dir, "folder"),
+    c("align-output-inside-a-tokenizer", lambda w, d, m: ["align", str(m), str(w["tok_b"]), "--out",
+                                                          str(m / "tokenizer")], tokenizer_copy, "input",
+      owner_note="its .json metadata file would have replaced tokenizer.json"),
+    c("align-metadata-file-exists", lambda w, d, m: ["align", str(w["tok_a"]), str(w["tok_b"]), "--out", str(m)],
+      alignment_sidecar, "already exists"),
     c("align-corrupt-tokenizer-json", lambda w, d, m: ["align", str(m), str(w["tok_b"])], corrupt_tokenizer,
       "tokenizer"),
     c("align-truncated-tokenizer-json", lambda w, d, m: ["align", str(m), str(w["tok_b"])], truncated_tokenizer,
@@ -136,6 +142,10 @@ CASES = [
     c("transplant-output-is-the-model", lambda w, d, m: ["transplant", str(w[A]), str(w["tok_b"]), str(w[A]),
                                                          "--method", "mean", "--overwrite"], match="input",
       owner_note="transplant_checkpoint must pass its inputs to check_output_free"),
+    c("transplant-output-is-an-asset", lambda w, d, m: ["transplant", "smollm2-135m", str(w["tok_b"]),
+                                                        str(asset_dir("smollm2-135m")), "--method", "mean",
+                                                        "--overwrite"], match="input",
+      owner_note="an asset name stands for its folder (check_not_an_input)"),
     c("transplant-corrupt-new-tokenizer", lambda w, d, m: ["transplant", str(w[A]), str(m), str(d / "out"),
                                                            "--method", "mean"], corrupt_tokenizer, "tokenizer"),
     c("transplant-truncated-weights", lambda w, d, m: ["transplant", str(m), str(w["tok_b"]), str(d / "out"),
@@ -160,6 +170,12 @@ CASES = [
     c("heal-output-is-the-model", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1", "--out",
                                                    str(w[A]), "--overwrite", "--train-rows", "all"], match="input",
       owner_note="heal_checkpoint must pass its inputs to check_output_free"),
+    c("heal-output-inside-the-model", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1",
+                                                       "--out", str(w[A] / "healed"), "--train-rows", "all"],
+      match="input"),
+    c("heal-output-holds-the-text", lambda w, d, m: ["heal", str(w[A]), "--text", str(m), "--steps", "1", "--out",
+                                                     str(d / "out"), "--overwrite", "--train-rows", "all"],
+      output_holding_the_text, "input"),
     c("heal-steps-0", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "0", "--out",
                                        str(d / "out")], match="steps", owner_note="heal config validation"),
     c("heal-lr-nan", lambda w, d, m: ["heal", str(w[A]), "--text", str(w[TXT]), "--steps", "1", "--lr", "nan",
@@ -205,6 +221,8 @@ CASES = [
     # ---------------------------------------------------------------- lm-eval
     c("lm-eval-missing-model", lambda w, d, m: ["lm-eval", "--model", str(d / "nope"), *LM_EVAL_TASK,
                                                 "--output", str(d / "r.json")], match="does not exist"),
+    c("lm-eval-output-inside-the-model", lambda w, d, m: ["lm-eval", "--model", str(w[A]), *LM_EVAL_TASK,
+                                                          "--output", str(w[A] / "results.json")], match="input"),
     c("lm-eval-nan-weights", lambda w, d, m: ["lm-eval", "--model", str(m), *LM_EVAL_TASK, "--output",
                                               str(d / "r.json")], nan_model, "nan"),
     c("lm-eval-tokenizer-does-not-fit", lambda w, d, m: ["lm-eval", "--model", str(w[A]), "--model", str(m),
@@ -241,6 +259,12 @@ CASES = [
       "alignment"),
     c("distill-corrupt-alignment", lambda w, d, m: ["distill", "--config", str(m)], alignment("corrupt"),
       "alignment"),
+    c("distill-output-is-the-student", lambda w, d, m: ["distill", "--config", str(m), "--overwrite"],
+      distill_yaml_writing_into("student"), "input", owner_note="distill must check output_dir against run_inputs"),
+    c("distill-output-holds-the-data", lambda w, d, m: ["distill", "--config", str(m), "--overwrite"],
+      distill_yaml_writing_into("data"), "input"),
+    c("distill-output-inside-the-teacher", lambda w, d, m: ["distill", "--config", str(m)],
+      distill_yaml_writing_into("teacher"), "input"),
     c("distill-mismatched-alignment", lambda w, d, m: ["distill", "--config", str(m)], alignment("mismatch"),
       "does not match"),
     # ---------------------------------------------------------------- supertokens
@@ -251,6 +275,9 @@ CASES = [
                                                   "--out", str(d / "out")], match="chunk"),
     c("supertokens-non-utf8-text", lambda w, d, m: ["supertokens", "train", "--text", str(w["latin1"]),
                                                     "--vocab-size", "400", "--out", str(d / "out")], match="utf-8"),
+    c("supertokens-output-is-the-text", lambda w, d, m: ["supertokens", "train", "--text", str(w[TXT]),
+                                                         "--vocab-size", "400", "--out", str(w[TXT]), "--overwrite"],
+      match="input"),
     c("supertokens-existing-output", lambda w, d, m: ["supertokens", "train", "--text", str(w[TXT]), "--vocab-size",
                                                       "400", "--out", str(m)], existing_dir, "already exists"),
     # ---------------------------------------------------------------- tokenizer-report

@@ -31,6 +31,7 @@ from distill.trainer.loop import LoopSpec, autocast_factory, fit, use_bf16
 from distill.trainer.metrics import append_jsonl, heldout_bpb, plot_metrics, truncate_metrics
 from distill.trainer.policy import LoraSpec, ParamSpec, Policy
 from distill.trainer.state import seed_all
+from surgery.checkpoint import check_not_an_input
 from surgery.config import diff as config_diff
 from surgery.config import from_dict, to_yaml
 from surgery.errors import SurgeryError
@@ -63,6 +64,7 @@ def _prepare_run_dir(cfg: DistillConfig, resume: bool, overwrite: bool) -> tuple
         ``(out, checkpoint to resume from or None, replaced old folder to delete at the end or None)``.
     """
     out = Path(cfg.output_dir).expanduser().resolve()
+    check_not_an_input(cfg.output_dir, run_inputs(cfg), "set output_dir to a new path; inputs are never replaced")
     if resume:
         ckpts = checkpoint_dirs(out)
         if not ckpts:
@@ -85,6 +87,13 @@ def _prepare_run_dir(cfg: DistillConfig, resume: bool, overwrite: bool) -> tuple
                                "pass --overwrite to replace it, --resume to continue it, or choose another output_dir")
         return out, None, out  # moved aside by rank 0, deleted when the new run succeeds
     return out, None, None
+
+
+def run_inputs(cfg: DistillConfig) -> list[str | None]:
+    """What a run reads that its ``output_dir`` must not overlap: the student's and every teacher's model and
+    tokenizer, saved alignments, the train and held-out data."""
+    teachers = [p for t in cfg.teachers for p in (t.model, t.tokenizer, t.alignment)]
+    return [cfg.student.model, cfg.student.tokenizer, *teachers, cfg.data.train, cfg.data.heldout]
 
 
 def heldout_text(cfg: DistillConfig) -> str | None:

@@ -57,6 +57,13 @@ def problems(args) -> list[str]:
             out.append(f"--output {args.output!r} is a folder")
         elif not out_path.parent.is_dir():
             out.append(f"the folder of --output {args.output!r} does not exist")
+        from surgery.checkpoint import check_not_an_input
+        from surgery.errors import SurgeryError
+
+        try:
+            check_not_an_input(out_path, args.model)
+        except SurgeryError as e:
+            out.append(e.message)
     return out
 
 

@@ -48,11 +48,12 @@ def save_alignment(P: Projection, path: str | Path, overwrite: bool = False, ext
     """Write ``P`` to ``path`` (atomically) plus ``path + '.json'`` metadata.
 
     Raises:
-        SurgeryError: ``path`` exists and ``overwrite`` is False.
+        SurgeryError: ``path`` or its metadata file exists and ``overwrite`` is False.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise SurgeryError(f"output {str(path)!r} already exists", "pass --overwrite to replace it")
+    for p in (path, Path(str(path) + ".json")):  # the metadata sidecar is an output too
+        if p.exists() and not overwrite:
+            raise SurgeryError(f"output {str(p)!r} already exists", "pass --overwrite to replace it")
     if path.is_dir():
         raise SurgeryError(f"output {str(path)!r} is a folder", "pass a file path, e.g. w.safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
