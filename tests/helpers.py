@@ -133,3 +133,20 @@ def token_bytes(tok) -> list[bytes | None]:
             m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
             out.append(bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode())
     return out
+
+
+def no_memory_for(monkeypatch, model_path) -> None:
+    """Make loading ``model_path`` (every other model loads as usual) raise torch's out-of-memory error, as a device
+    without room for it would."""
+    import torch
+
+    import surgery.loading
+
+    real = surgery.loading.load_model
+
+    def no_room(name, *a, **kw):
+        if str(name) == str(model_path):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(surgery.loading, "load_model", no_room)

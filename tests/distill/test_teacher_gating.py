@@ -277,6 +277,7 @@ def test_a_teacher_that_fails_to_load_mid_heal_stops_with_the_state_saved_and_re
     applied before the stop)."""
     import surgery.loading
     from distill.data import token_blocks
+    from helpers import no_memory_for
     from surgery.cli import main
     from surgery.commands.heal import state_dir_for
 
@@ -285,14 +286,7 @@ def test_a_teacher_that_fails_to_load_mid_heal_stops_with_the_state_saved_and_re
     text.write_text(small, encoding="utf-8")
     n_blocks = len(token_blocks([small], surgery.loading.load_tokenizer(str(tiny_student)), 47))
     k = _repeat_steps(n_blocks, 2, 8).index(True)
-    real = surgery.loading.load_model
-
-    def no_room(name, *a, **kw):
-        if str(name) == str(tiny_teacher):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(name, *a, **kw)
-
-    monkeypatch.setattr(surgery.loading, "load_model", no_room)
+    no_memory_for(monkeypatch, tiny_teacher)
     args = [str(tiny_student), "--text", str(text), "--steps", "8", "--seq-len", "48", "--batch-size", "2",
             "--warmup", "0", "--device", "cpu", "--params", "all"]
     out = tmp_path / "healed"
@@ -301,7 +295,7 @@ def test_a_teacher_that_fails_to_load_mid_heal_stops_with_the_state_saved_and_re
     assert "does not fit" in err and f"for step {k + 1}, the first it teaches" in err
     assert f"stopped after {k} steps" in err and "--resume" in err and "--teacher none" in err
     assert not out.exists() and state_dir_for(out).exists()
-    monkeypatch.setattr(surgery.loading, "load_model", real)
+    monkeypatch.undo()
     assert main(["heal", *args, "--out", str(out), "--teacher", "none", "--resume"]) == 0
     assert main(["heal", *args, "--out", str(tmp_path / "straight"), "--teacher", "none"]) == 0
     resumed, straight = _weights(out), _weights(tmp_path / "straight")

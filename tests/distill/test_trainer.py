@@ -262,16 +262,9 @@ def test_a_teacher_that_does_not_fit_in_memory_is_a_clear_error(tmp_path, tiny_s
                                                                  monkeypatch):
     """torch's out-of-memory error while the teacher loads becomes one line naming it and the ways out; the run
     folder is removed (nothing half-written)."""
-    import surgery.loading
+    from helpers import no_memory_for
 
-    real = surgery.loading.load_model
-
-    def no_room(name, *a, **kw):
-        if str(name) == str(tiny_teacher):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(name, *a, **kw)
-
-    monkeypatch.setattr(surgery.loading, "load_model", no_room)
+    no_memory_for(monkeypatch, tiny_teacher)
     cfg = base_config(tmp_path / "run", tiny_student, tiny_teacher, tiny_text, data={"heldout": None})
     with pytest.raises(SurgeryError, match=f"teacher {tiny_teacher} does not fit") as e:
         _train(cfg)
