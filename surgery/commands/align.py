@@ -49,7 +49,6 @@ def run(args) -> int:
     from surgery.vocab.api import align_tokenizers
     from surgery.vocab.projection import ProjectionConfig
     from surgery.vocab.store import save_alignment
-    from pathlib import Path
 
     if args.out:
         check_alignment_output(args.out, args.overwrite, (args.tokenizer_a, args.tokenizer_b))
