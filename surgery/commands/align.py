@@ -23,35 +23,17 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
-def check_alignment_output(out: str, overwrite: bool, inputs) -> None:
-    """Refuse an alignment output that is a folder, overlaps a tokenizer (:func:`surgery.checkpoint.check_not_an_input`),
-    or whose file or ``.json`` sidecar exists without ``overwrite``.
-
-    Raises:
-        SurgeryError: one of those.
-    """
-    from pathlib import Path
-
-    from surgery.checkpoint import check_not_an_input
-    from surgery.errors import SurgeryError
-
-    if Path(out).is_dir():
-        raise SurgeryError(f"--out {out!r} is a folder", "pass a file path, e.g. --out w.safetensors")
-    check_not_an_input(out, inputs)
-    for p in (Path(out), Path(out + ".json")):
-        if p.exists() and not overwrite:
-            raise SurgeryError(f"output {str(p)!r} already exists", "pass --overwrite to replace it")
-
-
 def run(args) -> int:
     from surgery.loading import load_tokenizer
     from surgery.errors import ConfigError, SurgeryError
     from surgery.vocab.api import align_tokenizers
     from surgery.vocab.projection import ProjectionConfig
-    from surgery.vocab.store import save_alignment
+    from surgery.checkpoint import check_not_an_input
+    from surgery.vocab.store import check_alignment_path, save_alignment
 
-    if args.out:
-        check_alignment_output(args.out, args.overwrite, (args.tokenizer_a, args.tokenizer_b))
+    if args.out:  # before the work: not into a tokenizer, not over an alignment without --overwrite
+        check_not_an_input(args.out, (args.tokenizer_a, args.tokenizer_b))
+        check_alignment_path(args.out, args.overwrite)
     try:
         cfg = ProjectionConfig(max_pieces=args.max_pieces, top_k=args.top_k, reverse=not args.no_reverse)
     except ConfigError as e:  # name the command-line options, not the config fields

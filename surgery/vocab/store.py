@@ -44,11 +44,12 @@ def _arrays_hash(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save_alignment(P: Projection, path: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write ``P`` to ``path`` (atomically) plus ``path + '.json'`` metadata.
+def check_alignment_path(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a :class:`Path` if an alignment may be written there (by :func:`save_alignment`): neither it nor
+    its ``.json`` metadata file exists unless ``overwrite``, and it is not a folder.
 
     Raises:
-        SurgeryError: ``path`` or its metadata file exists and ``overwrite`` is False.
+        SurgeryError: one of those.
     """
     path = Path(path)
     for p in (path, Path(str(path) + ".json")):  # the metadata sidecar is an output too
@@ -56,6 +57,16 @@ def save_alignment(P: Projection, path: str | Path, overwrite: bool = False, ext
             raise SurgeryError(f"output {str(p)!r} already exists", "pass --overwrite to replace it")
     if path.is_dir():
         raise SurgeryError(f"output {str(path)!r} is a folder", "pass a file path, e.g. w.safetensors")
+    return path
+
+
+def save_alignment(P: Projection, path: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write ``P`` to ``path`` (atomically) plus ``path + '.json'`` metadata.
+
+    Raises:
+        SurgeryError: ``path`` may not be written (:func:`check_alignment_path`).
+    """
+    path = check_alignment_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     m = P.matrix.tocsr()
     arrays = {"indptr": m.indptr.astype(np.int64), "indices": m.indices.astype(np.int64),
