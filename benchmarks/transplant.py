@@ -135,7 +135,8 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
     schedule = {} if teacher == "none" else {"teacher_fraction": args.heal_teacher_fraction,
                                              "teacher_decay": args.heal_teacher_decay,
                                              "teacher_on": args.heal_teacher_on}
-    cfg = HealConfig(**budget, device="cpu", seq_len=256, batch_size=2, lr=args.heal_lr,
+    device = None if args.heal_device == "auto" else args.heal_device
+    cfg = HealConfig(**budget, device=device, seq_len=256, batch_size=2, lr=args.heal_lr,
                      warmup=3, checkpoint_every=100000, params=params, negatives=args.heal_negatives,
                      teacher=teacher, loss=args.heal_loss, autocast=args.heal_autocast, seed=args.heal_seed,
                      **schedule)
@@ -157,6 +158,7 @@ def heal_one(args, pair, method, src, zero_shot, orig, texts, heal_texts, params
               "heal_s": round(time.time() - t3, 1),
               "heal_train_s": s["seconds"], "heal_step_s_median": s["step_s_median"],
               "heal_tokens": s["tokens_seen"], "heal_rows_trained": s.get("rows_trained"),
+              **({"heal_device": s["device"]} if s["device"] != "cpu" else {}),
               "heal_config": {k: s["config"][k] for k in ("lr", "seq_len", "batch_size", "negatives", "all_lr",
                                                           "lora_lr", "teacher_balance", "autocast", "teacher_dtype",
                                                           "teacher_fraction", "teacher_decay", "teacher_on",
@@ -209,6 +211,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-teacher-on", default="every", choices=list(TEACHER_ON),
                     help="teacher cells: every step, repeats (only steps whose blocks were all drawn before) or "
                          "repeated-blocks (in each step, the blocks drawn before)")
+    ap.add_argument("--heal-device", default="cpu", choices=["cpu", "cuda", "auto"],
+                    help="where the heal runs: cpu (the README's CPU-minute figures), cuda, or auto (cuda if present); "
+                         "rows healed off the CPU carry heal_device")
     ap.add_argument("--heal-seed", type=int, default=0, help="seed of the heal's block order and LoRA init")
     ap.add_argument("--lock", default=None,
                     help="hold this file's flock during each transplant + evaluation and each heal (lets other jobs "
